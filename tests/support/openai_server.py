@@ -1,0 +1,257 @@
+"""A real HTTP server on 127.0.0.1 speaking the OpenAI chat-completions API, scripted in Python.
+
+    def script(request: dict) -> Reply:
+        if "refuse me" in user_text(request):
+            return Reply.error(429)
+        return Reply.probs({"80": 0.5, "90": 0.3, "hello": 0.2})
+
+    with FakeOpenAI(script) as server:
+        client = openai.OpenAI(base_url=server.base_url, api_key="k")
+        ...
+        assert server.count() == 1
+
+The script gets the parsed JSON body of each POST /v1/chat/completions and returns a Reply:
+a success (top log-probs of the first token, or text without log-probs), an HTTP error
+status, a malformed body, and optionally a delay before answering (timeouts, throughput
+benchmarks). Requests are handled concurrently (one thread per connection); every request
+is recorded, and the server tracks how many were in flight at once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+
+@dataclass
+class Reply:
+    """What the server answers to one request."""
+
+    status: int = 200
+    top_logprobs: list[tuple[str, float]] | None = None  # (token, logprob); None: no logprobs
+    text: str | None = None  # message content; defaults to the most probable token
+    logprobs_key: bool = True  # without logprobs: send "logprobs": null (True) or omit it
+    delay_s: float = 0.0
+    raw_body: bytes | None = None  # sent as is (malformed responses)
+    content_type: str = "application/json"
+    error_message: str = "scripted error"
+    usage: tuple[int, int] | None = None  # (prompt, completion); default from the request
+
+    @classmethod
+    def probs(cls, probs: Mapping[str, float], **kwargs: Any) -> Reply:
+        """Top log-probs given as token -> probability."""
+        return cls(top_logprobs=[(t, math.log(p)) for t, p in probs.items()], **kwargs)
+
+    @classmethod
+    def text_only(cls, text: str, **kwargs: Any) -> Reply:
+        return cls(text=text, **kwargs)
+
+    @classmethod
+    def error(cls, status: int, message: str = "scripted error", **kwargs: Any) -> Reply:
+        return cls(status=status, error_message=message, **kwargs)
+
+    @classmethod
+    def malformed(cls, body: bytes = b'{"id": "chatcmpl-x", "choi', **kwargs: Any) -> Reply:
+        return cls(raw_body=body, **kwargs)
+
+
+@dataclass
+class RecordedRequest:
+    method: str
+    path: str
+    headers: dict[str, str]  # names lower-cased
+    body: Any  # parsed JSON, or the raw text when it is not JSON
+    time: float = field(default_factory=time.monotonic)
+
+
+Script = Callable[[dict[str, Any]], Reply]
+
+
+def user_text(request: Mapping[str, Any]) -> str:
+    """The text of the last user message of a chat-completions request."""
+    for message in reversed(request.get("messages", [])):
+        if message.get("role") == "user":
+            content = message.get("content", "")
+            if isinstance(content, list):  # content parts
+                return "".join(part.get("text", "") for part in content)
+            return str(content)
+    return ""
+
+
+def completion_body(request: Mapping[str, Any], reply: Reply) -> dict[str, Any]:
+    """A chat.completion object for ``reply``, honouring the request's logprobs settings."""
+    top = sorted(reply.top_logprobs or [], key=lambda entry: -entry[1])
+    text = reply.text if reply.text is not None else (top[0][0] if top else "")
+    choice: dict[str, Any] = {
+        "index": 0,
+        "message": {"role": "assistant", "content": text, "refusal": None},
+        "finish_reason": "length",
+    }
+    wants_logprobs = bool(request.get("logprobs"))
+    if reply.top_logprobs is not None and wants_logprobs:
+        n = int(request.get("top_logprobs") or 0)
+        shown = top[:n]
+
+        def entry(token: str, logprob: float) -> dict[str, Any]:
+            return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+        first = top[0] if top else (text, 0.0)
+        choice["logprobs"] = {
+            "content": [{**entry(*first), "top_logprobs": [entry(*e) for e in shown]}],
+            "refusal": None,
+        }
+    elif reply.logprobs_key:
+        choice["logprobs"] = None
+    if reply.usage is not None:
+        prompt_tokens, completion_tokens = reply.usage
+    else:
+        prompt_tokens = len(user_text(request).split())
+        completion_tokens = 1
+    return {
+        "id": f"chatcmpl-{id(reply):x}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": request.get("model", ""),
+        "choices": [choice],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
+        "system_fingerprint": "fake-openai",
+    }
+
+
+class FakeOpenAI:
+    """Scripted OpenAI-compatible server on a free loopback port; use as a context manager."""
+
+    def __init__(self, script: Script) -> None:
+        self.script = script
+        self.requests: list[RecordedRequest] = []
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.script_errors: list[Exception] = []
+        self._lock = threading.Lock()
+        self._server = _Server(("127.0.0.1", 0), _make_handler(self))
+        self._thread: threading.Thread | None = None
+
+    @property
+    def base_url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}/v1"
+
+    def start(self) -> FakeOpenAI:
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._server.shutdown()
+            self._thread.join()
+            self._thread = None
+        self._server.server_close()
+
+    def __enter__(self) -> FakeOpenAI:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def count(self, predicate: Callable[[RecordedRequest], bool] | None = None) -> int:
+        with self._lock:
+            return sum(1 for r in self.requests if predicate is None or predicate(r))
+
+    def count_containing(self, text: str) -> int:
+        """Requests whose user message contains ``text``."""
+        return self.count(lambda r: isinstance(r.body, dict) and text in user_text(r.body))
+
+    def _record(self, request: RecordedRequest) -> None:
+        with self._lock:
+            self.requests.append(request)
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+
+    def _done(self) -> None:
+        with self._lock:
+            self.in_flight -= 1
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False  # a handler still sleeping on a scripted delay must not block stop()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # clients that time out close their socket; the late write fails, as expected
+
+
+def _make_handler(owner: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True  # headers and body go out as separate small writes
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+        def do_POST(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            raw = self.rfile.read(length)
+            try:
+                body: Any = json.loads(raw)
+            except ValueError:
+                body = raw.decode("utf-8", "replace")
+            owner._record(RecordedRequest("POST", self.path, self._header_dict(), body))
+            try:
+                if self.path.rstrip("/") != "/v1/chat/completions" or not isinstance(body, dict):
+                    self._send(404, _error_body(404, f"no route for POST {self.path}"))
+                    return
+                try:
+                    reply = owner.script(body)
+                except Exception as exc:  # a broken script must fail the test, not hang it
+                    owner.script_errors.append(exc)
+                    self._send(500, _error_body(500, f"script raised {exc!r}"))
+                    return
+                if reply.delay_s:
+                    time.sleep(reply.delay_s)
+                if reply.raw_body is not None:
+                    self._send(reply.status, reply.raw_body, reply.content_type)
+                elif reply.status != 200:
+                    self._send(reply.status, _error_body(reply.status, reply.error_message))
+                else:
+                    payload = json.dumps(completion_body(body, reply)).encode()
+                    self._send(200, payload, reply.content_type)
+            finally:
+                owner._done()
+
+        def do_GET(self) -> None:
+            owner._record(RecordedRequest("GET", self.path, self._header_dict(), None))
+            try:
+                self._send(404, _error_body(404, f"no route for GET {self.path}"))
+            finally:
+                owner._done()
+
+        def _header_dict(self) -> dict[str, str]:
+            return {name.lower(): value for name, value in self.headers.items()}
+
+        def _send(self, status: int, payload: bytes, content_type: str = "application/json") -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+            self.wfile.flush()
+
+    return Handler
+
+
+def _error_body(status: int, message: str) -> bytes:
+    kind = {429: "rate_limit_exceeded", 401: "invalid_request_error"}.get(status, "server_error")
+    return json.dumps({"error": {"message": message, "type": kind, "param": None, "code": None}}).encode()
