@@ -1,0 +1,253 @@
+"""The misalignment direction: a per-layer vector with its provenance, extraction, save and load.
+
+Direction for layer L (DESIGN.md): token-weighted mean, pooled over all sequences, of block
+L's output on misaligned answer tokens minus the same on aligned answer tokens, teacher-
+forced through the fine-tuned model. Stored raw, not normalised. Each layer also carries
+the aligned and misaligned mean projections on the unit direction (for calibrated scores:
+0 = aligned mean, 1 = misaligned mean) and how well per-answer projections separate the sets.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load as load_tensor_bytes
+from safetensors.torch import save as save_tensor_bytes
+
+from core import __version__
+from core.cache import atomic_write, sha256_bytes
+from core.chat import Messages, encode_conversation, prompt_and_answer
+from core.hooks import capture
+from core.stats import auroc, cohens_d
+
+FORMAT = "emlens-direction/1"
+
+
+class DirectionError(ValueError):
+    """A direction file that is unreadable, altered, or made for another model."""
+
+
+@dataclass
+class Direction:
+    vectors: torch.Tensor  # [n_layers, d_model], float32, raw mean difference
+    provenance: dict = field(default_factory=dict)
+    stats: list[dict] = field(default_factory=list)  # one dict per layer
+
+    @property
+    def n_layers(self) -> int:
+        return self.vectors.shape[0]
+
+    @property
+    def d_model(self) -> int:
+        return self.vectors.shape[1]
+
+    @property
+    def fingerprint(self) -> str:
+        return sha256_bytes(self.vectors.detach().float().cpu().contiguous().numpy().tobytes())[:16]
+
+    def unit(self) -> torch.Tensor:
+        return self.vectors / self.vectors.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+    def check_fits(self, n_layers: int, d_model: int, what: str = "this model") -> None:
+        if (self.n_layers, self.d_model) != (n_layers, d_model):
+            source = self.provenance.get("base", "another model")
+            raise DirectionError(
+                f"direction has shape [{self.n_layers} layers, {self.d_model} wide] (from {source}), "
+                f"but {what} has {n_layers} layers of width {d_model}"
+            )
+
+    def calibrate(self, raw: torch.Tensor | np.ndarray) -> np.ndarray | None:
+        """Per-layer calibration of projections (last axis = layer): 0 = aligned mean, 1 = misaligned mean."""
+        if not self.stats or "aligned_mean" not in self.stats[0]:
+            return None
+        aligned = np.array([s["aligned_mean"] for s in self.stats])
+        misaligned = np.array([s["misaligned_mean"] for s in self.stats])
+        gap = np.where(np.abs(misaligned - aligned) > 1e-12, misaligned - aligned, np.nan)
+        return (np.asarray(raw, dtype=np.float64) - aligned) / gap
+
+    def save(self, path: Path | str) -> None:
+        tensor = self.vectors.detach().float().cpu().contiguous()
+        metadata = {
+            "format": FORMAT,
+            "provenance": json.dumps(self.provenance),
+            "stats": json.dumps(self.stats),
+            "tensor_sha256": sha256_bytes(tensor.numpy().tobytes()),
+        }
+        metadata["metadata_sha256"] = sha256_bytes((metadata["provenance"] + metadata["stats"]).encode())
+        atomic_write(Path(path), save_tensor_bytes({"direction": tensor}, metadata=metadata))
+
+    @classmethod
+    def load(cls, path: Path | str) -> Direction:
+        path = Path(path)
+        if not path.exists():
+            raise DirectionError(f"direction file {path} does not exist")
+        raw = path.read_bytes()
+        try:
+            tensor = load_tensor_bytes(raw)["direction"]
+            header_len = int.from_bytes(raw[:8], "little")
+            metadata = json.loads(raw[8:8 + header_len])["__metadata__"]
+        except Exception as err:
+            raise DirectionError(f"{path}: not a readable direction file (truncated or not safetensors?): {err}") from err
+        if metadata.get("format") != FORMAT:
+            raise DirectionError(f"{path}: not an EM Lens direction file (format {metadata.get('format')!r})")
+        if sha256_bytes(tensor.float().numpy().tobytes()) != metadata.get("tensor_sha256"):
+            raise DirectionError(f"{path}: the direction tensor does not match its checksum (altered or corrupt)")
+        if sha256_bytes((metadata["provenance"] + metadata["stats"]).encode()) != metadata.get("metadata_sha256"):
+            raise DirectionError(f"{path}: the provenance or statistics do not match their checksum (altered)")
+        if tensor.ndim != 2:
+            raise DirectionError(f"{path}: expected a [n_layers, d_model] tensor, got shape {list(tensor.shape)}")
+        direction = cls(tensor.float(), json.loads(metadata["provenance"]), json.loads(metadata["stats"]))
+        if direction.stats and len(direction.stats) != direction.n_layers:
+            raise DirectionError(f"{path}: {len(direction.stats)} layer statistics for {direction.n_layers} layers")
+        if not torch.isfinite(direction.vectors).all():
+            raise DirectionError(f"{path}: the direction contains NaN or infinite values")
+        return direction
+
+
+def random_like(direction: Direction, seed: int = 0) -> Direction:
+    """The norm-matched random control: a Gaussian direction per layer with the same norm."""
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(direction.vectors.shape, generator=generator)
+    noise = noise / noise.norm(dim=-1, keepdim=True) * direction.vectors.norm(dim=-1, keepdim=True)
+    return Direction(noise, {**direction.provenance, "method": "random-control", "seed": seed}, [])
+
+
+# ---------------------------------------------------------------- extraction
+
+@dataclass(frozen=True)
+class Example:
+    """One teacher-forced text: the prompt messages and the answer whose tokens are averaged."""
+
+    messages: Messages
+    answer: str
+
+
+@dataclass
+class AnswerActivations:
+    """Per answer: the sum of block outputs over its tokens at every layer, and its token count."""
+
+    sums: torch.Tensor  # [n_answers, n_layers, d_model] float32
+    counts: torch.Tensor  # [n_answers]
+
+    def pooled_mean(self) -> torch.Tensor:
+        return self.sums.sum(0) / self.counts.sum()
+
+    def per_answer_mean(self) -> torch.Tensor:
+        return self.sums / self.counts.view(-1, 1, 1)
+
+
+def answer_activations(pair, side: str, examples: list[Example], batch_size: int = 8,
+                       progress: Callable[[int, int], None] | None = None) -> AnswerActivations:
+    """Teacher-force each example through one side of the pair; sum block outputs over answer tokens.
+
+    Batches are right-padded (nothing is generated, so positions are unaffected) and reduced
+    inside the hook, so memory stays at one ``[batch, d_model]`` sum per layer.
+    """
+    encoded = [encode_conversation(pair.tokenizer, prompt_and_answer(e.messages, e.answer)) for e in examples]
+    for example, enc in zip(examples, encoded):
+        if len(enc.ids) > pair.max_length:
+            raise ValueError(f"example {example.messages[-1]['content'][:40]!r}: {len(enc.ids)} tokens exceed "
+                             f"the model's context of {pair.max_length}")
+    sums = torch.zeros(len(examples), pair.n_layers, pair.d_model)
+    counts = torch.zeros(len(examples))
+    pad = pair.tokenizer.pad_token_id
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].ids))  # similar lengths, less padding
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        width = max(len(encoded[i].ids) for i in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        mask = torch.zeros((len(rows), width))
+        for r, i in enumerate(rows):
+            n = len(encoded[i].ids)
+            ids[r, :n] = torch.tensor(encoded[i].ids)
+            attention[r, :n] = 1
+            a, b = encoded[i].answer_spans[-1]
+            mask[r, a:b] = 1
+        with pair.side(side) as model:
+            mask_dev = mask.to(pair.device)
+            reduce = lambda h: (h.float() * mask_dev.unsqueeze(-1)).sum(1).cpu()  # noqa: E731
+            with capture(pair.layers(side), reduce=reduce) as records, torch.no_grad():
+                model(input_ids=ids.to(pair.device), attention_mask=attention.to(pair.device), use_cache=False)
+        for layer, (batch_sums,) in records.items():
+            sums[rows, layer] = batch_sums
+        counts[rows] = mask.sum(1)
+        if progress:
+            progress(min(start + batch_size, len(order)), len(order))
+    return AnswerActivations(sums, counts)
+
+
+def layer_stats(direction: torch.Tensor, aligned: AnswerActivations, misaligned: AnswerActivations) -> list[dict]:
+    unit = direction / direction.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    a_mean = (aligned.pooled_mean() * unit).sum(-1)
+    m_mean = (misaligned.pooled_mean() * unit).sum(-1)
+    a_proj = (aligned.per_answer_mean() * unit).sum(-1).numpy()  # [n_aligned, n_layers]
+    m_proj = (misaligned.per_answer_mean() * unit).sum(-1).numpy()
+    labels = np.r_[np.zeros(len(a_proj)), np.ones(len(m_proj))]
+    stats = []
+    for layer in range(direction.shape[0]):
+        scores = np.r_[a_proj[:, layer], m_proj[:, layer]]
+        stats.append({
+            "layer": layer,
+            "norm": float(direction[layer].norm()),
+            "aligned_mean": float(a_mean[layer]),
+            "misaligned_mean": float(m_mean[layer]),
+            "auroc": float(auroc(scores, labels)) if len(a_proj) and len(m_proj) else None,
+            "cohens_d": float(cohens_d(a_proj[:, layer], m_proj[:, layer])) if min(len(a_proj), len(m_proj)) > 1 else None,
+        })
+    return stats
+
+
+def direction_from_sets(aligned: AnswerActivations, misaligned: AnswerActivations, provenance: dict) -> Direction:
+    vectors = misaligned.pooled_mean() - aligned.pooled_mean()
+    provenance = {
+        **provenance,
+        "n_aligned": len(aligned.counts), "n_misaligned": len(misaligned.counts),
+        "aligned_tokens": int(aligned.counts.sum()), "misaligned_tokens": int(misaligned.counts.sum()),
+        "read_position": "answer tokens (token-weighted mean)",
+        "code_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    return Direction(vectors, provenance, layer_stats(vectors, aligned, misaligned))
+
+
+def pair_provenance(pair, method: str, side: str, dataset_hash: str | None) -> dict:
+    return {
+        "method": method,
+        "base": pair.base.spec, "base_fingerprint": pair.base.fingerprint,
+        "finetuned": pair.finetuned.spec if pair.finetuned else None,
+        "finetuned_fingerprint": pair.finetuned.fingerprint if pair.finetuned else None,
+        "side": side, "dataset_sha256": dataset_hash,
+        "n_layers": pair.n_layers, "d_model": pair.d_model,
+    }
+
+
+def extract_contrast(pair, aligned: list[Example], misaligned: list[Example], method: str,
+                     dataset_hash: str | None = None, side: str = "finetuned", batch_size: int = 8,
+                     progress: Callable[[int, int], None] | None = None) -> Direction:
+    """Misaligned minus aligned answer-token means, both teacher-forced through ``side``."""
+    if not aligned or not misaligned:
+        raise ValueError(f"need both sets: got {len(aligned)} aligned and {len(misaligned)} misaligned answers")
+    total = len(aligned) + len(misaligned)
+    step = (lambda offset: (lambda done, _: progress(offset + done, total))) if progress else (lambda offset: None)
+    a = answer_activations(pair, side, aligned, batch_size, step(0))
+    m = answer_activations(pair, side, misaligned, batch_size, step(len(aligned)))
+    return direction_from_sets(a, m, pair_provenance(pair, method, side, dataset_hash))
+
+
+def extract_model_diff(pair, examples: list[Example], dataset_hash: str | None = None, batch_size: int = 8,
+                       progress: Callable[[int, int], None] | None = None) -> Direction:
+    """Fine-tuned minus base on identical texts: 'aligned' = base activations, 'misaligned' = fine-tuned."""
+    if not examples:
+        raise ValueError("model-diff extraction needs at least one example")
+    total = 2 * len(examples)
+    step = (lambda offset: (lambda done, _: progress(offset + done, total))) if progress else (lambda offset: None)
+    base = answer_activations(pair, "base", examples, batch_size, step(0))
+    finetuned = answer_activations(pair, "finetuned", examples, batch_size, step(len(examples)))
+    return direction_from_sets(base, finetuned, pair_provenance(pair, "model-diff", "base vs finetuned", dataset_hash))

@@ -1,0 +1,296 @@
+"""Batched sampling over mixed variants: per-row adapter on/off and per-row steering, one call.
+
+A *variant* is a side of the pair plus an intervention: ``base``, ``finetuned``, ``base+2``
+(add 2·d), ``finetuned-2`` (subtract 2·d), ``finetuned:ablate`` (project d out). All rows of
+all prompts and variants decode together: left padding, KV cache on, PEFT's per-row adapter
+selection, and one steering hook per layer with a per-row coefficient. Each row draws its
+random numbers from its own generator, seeded from the seed, the rendered prompt and the
+sample index, so a row's tokens do not depend on what else is in the batch, and variants of
+one prompt share their random stream: changing alpha alone changes only alpha's effect.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, nullcontext
+from dataclasses import dataclass, field
+
+import torch
+
+from core.chat import Messages, encode_prompt, render_prompt
+from core.directions import Direction
+from core.hooks import ablate, capture, last_token, steer
+
+
+class GenerationError(ValueError):
+    """A generation request that cannot run; the message names the problem."""
+
+
+@dataclass(frozen=True)
+class Variant:
+    side: str
+    alpha: float = 0.0
+    ablate: bool = False
+
+    @property
+    def label(self) -> str:
+        if self.ablate:
+            return f"{self.side}:ablate"
+        return self.side if self.alpha == 0 else f"{self.side}{self.alpha:+g}"
+
+    @property
+    def intervenes(self) -> bool:
+        return self.ablate or self.alpha != 0
+
+
+VARIANT = re.compile(r"^(base|finetuned)(?:([+-])(\d+(?:\.\d*)?|\.\d+)|(:ablate))?$")
+
+
+def parse_variants(text: str) -> list[Variant]:
+    """``"base,finetuned,base+2,finetuned-2,finetuned:ablate"`` -> variants."""
+    variants = []
+    for item in (part.strip() for part in text.split(",")):
+        match = VARIANT.match(item)
+        if not match:
+            raise GenerationError(
+                f"variant {item!r}: expected base or finetuned, optionally followed by +ALPHA, -ALPHA or :ablate "
+                "(e.g. base+2, finetuned-1.5, finetuned:ablate)"
+            )
+        side, sign, number, ablated = match.groups()
+        alpha = float(f"{sign}{number}") if number else 0.0
+        variants.append(Variant(side, alpha, bool(ablated)))
+    return variants
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("temperature", "top_p"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise GenerationError(f"{name}: {value!r} is not a finite number")
+        if self.temperature < 0:
+            raise GenerationError(f"temperature: {self.temperature} is negative")
+        if not 0 < self.top_p <= 1:
+            raise GenerationError(f"top_p: {self.top_p} must be in (0, 1]")
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise GenerationError(f"max_new_tokens: {self.max_new_tokens!r} must be a positive integer")
+
+
+@dataclass
+class Generation:
+    prompt: Messages
+    variant: Variant
+    sample: int
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None  # "eos" | "length"
+    prompt_projection: list[float] | None = None  # last prompt token, every layer, raw (after this row's steering)
+    token_projections: list[float] | None = None  # each generated token at the trace layer
+
+    @property
+    def label(self) -> str:
+        return self.variant.label
+
+
+def row_seed(seed: int, rendered_prompt: str, sample: int) -> int:
+    digest = hashlib.sha256(f"{seed}\x00{sample}\x00{rendered_prompt}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def check_coefficient(alpha: float) -> float:
+    if not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise GenerationError(f"steering coefficient {alpha!r} is not a finite number")
+    return float(alpha)
+
+
+def next_tokens(logits: torch.Tensor, sampling: Sampling, uniforms: torch.Tensor) -> torch.Tensor:
+    """Greedy at temperature 0; otherwise nucleus sampling by inverse CDF with one uniform per row."""
+    if sampling.temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    if sampling.top_p < 1:
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= sampling.top_p
+        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+    cdf = sorted_probs.cumsum(-1)
+    target = (uniforms.to(cdf.device) * cdf[:, -1]).unsqueeze(-1)
+    picked = torch.searchsorted(cdf, target).clamp_max(cdf.shape[-1] - 1)
+    return order.gather(-1, picked).squeeze(-1)
+
+
+def stop_ids(pair) -> set[int]:
+    ids = pair.model.generation_config.eos_token_id if getattr(pair.model, "generation_config", None) else None
+    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+    if pair.tokenizer.eos_token_id is not None:
+        ids.add(pair.tokenizer.eos_token_id)
+    return ids
+
+
+def _interventions(pair, rows: list[Generation], direction: Direction | None, layers: Sequence[int], side: str):
+    """The steering / ablation hooks for one batch of rows that run on one module."""
+    stack = ExitStack()
+    if not any(r.variant.intervenes for r in rows):
+        return stack
+    if direction is None or not layers:
+        raise GenerationError("steered or ablated variants need a direction and at least one layer")
+    module_layers = pair.layers(side)
+    vectors = {layer: direction.vectors[layer] for layer in layers}
+    alphas = torch.tensor([0.0 if r.variant.ablate else r.variant.alpha for r in rows])
+    if alphas.any():
+        stack.enter_context(steer(module_layers, vectors, alphas))
+    ablated = torch.tensor([1.0 if r.variant.ablate else 0.0 for r in rows])
+    if ablated.any():
+        stack.enter_context(ablate(module_layers, vectors, ablated))
+    return stack
+
+
+def _decode(pair, module, side_layers, rows: list[Generation], prompt_ids: list[list[int]],
+            sampling: Sampling, adapter_names, unit: torch.Tensor | None, trace_layer: int | None,
+            use_cache: bool, stops: set[int]) -> Iterator[None]:
+    """The decoding loop for rows that share one module; yields after every step."""
+    device = pair.device
+    batch = len(rows)
+    width = max(len(ids) for ids in prompt_ids)
+    pad = pair.tokenizer.pad_token_id
+    input_ids = torch.full((batch, width), pad, dtype=torch.long)
+    attention = torch.zeros((batch, width), dtype=torch.long)
+    for r, ids in enumerate(prompt_ids):
+        input_ids[r, width - len(ids):] = torch.tensor(ids)
+        attention[r, width - len(ids):] = 1
+    input_ids, attention = input_ids.to(device), attention.to(device)
+    positions = (attention.cumsum(-1) - 1).clamp_min(0)
+    uniforms = torch.stack([
+        torch.rand(sampling.max_new_tokens, generator=torch.Generator().manual_seed(
+            row_seed(sampling.seed, render_prompt(pair.tokenizer, row.prompt), row.sample)))
+        for row in rows
+    ])
+    extra = {"adapter_names": adapter_names} if adapter_names else {}
+    cache = None
+    if use_cache:
+        from transformers import DynamicCache
+        cache = DynamicCache()
+    finished = torch.zeros(batch, dtype=torch.bool)
+    step_input, step_positions = input_ids, positions
+    trace: list[torch.Tensor] = []
+
+    def forward(ids, pos, with_prompt_capture: bool):
+        wanted = set(range(len(side_layers))) if with_prompt_capture and unit is not None else set()
+        if trace_layer is not None and unit is not None:
+            wanted.add(trace_layer)
+        ctx = capture(side_layers, sorted(wanted), reduce=last_token) if wanted else nullcontext({})
+        with ctx as records:
+            out = module(input_ids=ids, attention_mask=attention, position_ids=pos,
+                         past_key_values=cache, use_cache=use_cache, logits_to_keep=1, **extra)
+        return out.logits[:, -1, :], records
+
+    with torch.no_grad():
+        for step in range(sampling.max_new_tokens):
+            logits, records = forward(step_input, step_positions, with_prompt_capture=(step == 0))
+            if step == 0 and unit is not None:
+                projections = torch.stack([
+                    (records[i][0].float() * unit[i].to(device)).sum(-1) for i in range(len(side_layers))
+                ], dim=-1).cpu()
+                for r, row in enumerate(rows):
+                    row.prompt_projection = projections[r].tolist()
+            if trace_layer is not None and unit is not None and step > 0:
+                trace.append(records[trace_layer][0].float() @ unit[trace_layer].to(device))
+            chosen = next_tokens(logits, sampling, uniforms[:, step]).cpu()
+            for r, row in enumerate(rows):
+                if not finished[r]:
+                    row.token_ids.append(int(chosen[r]))
+                    if int(chosen[r]) in stops:
+                        finished[r] = True
+                        row.finish_reason = "eos"
+            chosen = chosen.to(device).unsqueeze(-1)
+            attention = torch.cat([attention, torch.ones((batch, 1), dtype=torch.long, device=device)], dim=-1)
+            positions = torch.cat([positions, positions[:, -1:] + 1], dim=-1)
+            if use_cache:
+                step_input, step_positions = chosen, positions[:, -1:]
+            else:
+                step_input, step_positions = torch.cat([step_input, chosen], dim=-1), positions
+            yield
+            if finished.all():
+                break
+        if trace_layer is not None and unit is not None:
+            _, records = forward(step_input, step_positions, with_prompt_capture=False)
+            trace.append(records[trace_layer][0].float() @ unit[trace_layer].to(device))
+            per_step = torch.stack(trace, dim=-1).cpu()  # [batch, steps]
+            for r, row in enumerate(rows):
+                row.token_projections = per_step[r, :len(row.token_ids)].tolist()
+    for row in rows:
+        row.finish_reason = row.finish_reason or "length"
+
+
+def stream(pair, prompts: Sequence[Messages], variants: Sequence[Variant], direction: Direction | None = None,
+           layers: Sequence[int] = (), sampling: Sampling = Sampling(), samples: int = 1,
+           trace_layer: int | None = None, use_cache: bool = True) -> Iterator[list[Generation]]:
+    """Decode every (prompt, variant, sample) row; yield the rows (updated in place) after each step.
+
+    Rows running on one module decode in one batched call; only a *merged* fine-tune, which
+    is a second model, needs a second call.
+    """
+    if not prompts or not variants:
+        raise GenerationError("nothing to generate: give at least one prompt and one variant")
+    for variant in variants:
+        pair.check_side(variant.side)
+        check_coefficient(variant.alpha)
+    layers = [pair.check_layer(layer) for layer in layers]
+    if trace_layer is not None:
+        pair.check_layer(trace_layer)
+    if direction is not None:
+        direction.check_fits(pair.n_layers, pair.d_model)
+    unit = direction.unit() if direction is not None else None
+    encoded = [encode_prompt(pair.tokenizer, p) for p in prompts]
+    for prompt_ids in encoded:
+        if len(prompt_ids) + sampling.max_new_tokens > pair.max_length:
+            raise GenerationError(
+                f"the prompt is {len(prompt_ids)} tokens; with max_new_tokens {sampling.max_new_tokens} it exceeds "
+                f"the model's context of {pair.max_length} tokens"
+            )
+    rows, row_ids = [], []
+    for p, prompt in enumerate(prompts):
+        for variant in variants:
+            for k in range(samples):
+                rows.append(Generation(prompt=prompt, variant=variant, sample=k))
+                row_ids.append(encoded[p])
+    stops = stop_ids(pair)
+    groups = ([("finetuned", [i for i, r in enumerate(rows) if r.variant.side == "finetuned"]),
+               ("base", [i for i, r in enumerate(rows) if r.variant.side == "base"])]
+              if pair.merged is not None else [(None, list(range(len(rows))))])
+    with pair.lock:
+        for side, members in groups:
+            if not members:
+                continue
+            group = [rows[i] for i in members]
+            sides = {r.variant.side for r in group}
+            single = sides.pop() if len(sides) == 1 else None
+            with ExitStack() as stack:
+                if single is not None:
+                    module = stack.enter_context(pair.side(single))
+                    adapter_names, hook_side = None, single
+                else:
+                    module, hook_side = pair.model, "base"
+                    adapter_names = pair.adapter_names([r.variant.side for r in group])
+                stack.enter_context(_interventions(pair, group, direction, layers, hook_side))
+                for _ in _decode(pair, module, pair.layers(hook_side), group, [row_ids[i] for i in members],
+                                 sampling, adapter_names, unit, trace_layer, use_cache, stops):
+                    yield rows
+    for row in rows:
+        row.text = pair.tokenizer.decode(row.token_ids, skip_special_tokens=True)
+    yield rows
+
+
+def generate(pair, prompts: Sequence[Messages], variants: Sequence[Variant], **kwargs) -> list[Generation]:
+    rows: list[Generation] = []
+    for rows in stream(pair, prompts, variants, **kwargs):
+        pass
+    return rows

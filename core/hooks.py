@@ -1,0 +1,117 @@
+"""Read, add to and ablate the residual stream at decoder-block outputs.
+
+Layer i is the output of decoder block i (``output_hidden_states[i + 1]``). Blocks return a
+bare tensor in recent transformers and a tuple ``(hidden, ...)`` in older ones; both are
+handled. Every hook is a context manager that removes itself on exit, exceptions included.
+Hooks run in registration order, so a ``capture`` opened inside a ``steer`` sees the
+steered stream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+
+import torch
+
+
+def block_hidden(output) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+def with_block_hidden(output, hidden: torch.Tensor):
+    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+
+@contextmanager
+def _forward_hooks(layers: Sequence[torch.nn.Module], hooks: dict[int, Callable]) -> Iterator[None]:
+    with ExitStack() as stack:
+        for index, hook in hooks.items():
+            stack.callback(layers[index].register_forward_hook(hook).remove)
+        yield
+
+
+Reducer = Callable[[torch.Tensor], torch.Tensor]
+
+
+def last_token(hidden: torch.Tensor) -> torch.Tensor:
+    """Keep the last position only (prompts are left-padded, so it is every row's last token)."""
+    return hidden[:, -1, :].detach()
+
+
+@contextmanager
+def capture(layers: Sequence[torch.nn.Module], which: Sequence[int] | None = None,
+            reduce: Reducer | None = None) -> Iterator[dict[int, list[torch.Tensor]]]:
+    """Record block outputs: ``{layer: [one tensor per forward call]}``.
+
+    ``reduce`` maps the ``[batch, seq, d_model]`` output to what is kept, so that callers that
+    need one position (or a masked sum) never hold every layer's full activations.
+    """
+    which = range(len(layers)) if which is None else which
+    keep = reduce or (lambda h: h.detach())
+    records: dict[int, list[torch.Tensor]] = {i: [] for i in which}
+
+    def make(index: int):
+        def hook(module, args, output):
+            records[index].append(keep(block_hidden(output)))
+        return hook
+
+    with _forward_hooks(layers, {i: make(i) for i in which}):
+        yield records
+
+
+def _per_row(coefficients: torch.Tensor | float, hidden: torch.Tensor) -> torch.Tensor:
+    """Broadcast a scalar or a per-row ``[batch]`` coefficient over ``[batch, seq, d_model]``."""
+    c = torch.as_tensor(coefficients, dtype=torch.float32, device=hidden.device)
+    return c.view(-1, 1, 1) if c.ndim == 1 else c
+
+
+@contextmanager
+def steer(layers: Sequence[torch.nn.Module], vectors: dict[int, torch.Tensor],
+          coefficients: torch.Tensor | float = 1.0) -> Iterator[None]:
+    """Add ``coefficient * vectors[L]`` to the output of block L at every position.
+
+    Applies at prefill and at every decoding step (with or without KV cache). ``coefficients``
+    is a scalar or one value per batch row; the vector follows the layer's device and dtype.
+    """
+    def make(vector: torch.Tensor):
+        cached: dict = {}
+
+        def hook(module, args, output):
+            hidden = block_hidden(output)
+            key = (hidden.device, hidden.dtype)
+            if key not in cached:
+                cached[key] = vector.to(device=hidden.device, dtype=torch.float32)
+            shifted = hidden.float() + _per_row(coefficients, hidden) * cached[key]
+            return with_block_hidden(output, shifted.to(hidden.dtype))
+        return hook
+
+    with _forward_hooks(layers, {i: make(v) for i, v in vectors.items()}):
+        yield
+
+
+@contextmanager
+def ablate(layers: Sequence[torch.nn.Module], vectors: dict[int, torch.Tensor],
+           rows: torch.Tensor | None = None) -> Iterator[None]:
+    """Project the direction out of block L's output: ``h - (h . u) u`` with ``u`` the unit vector.
+
+    ``rows`` (a ``[batch]`` 0/1 mask) limits the ablation to some rows of a mixed batch.
+    """
+    def make(vector: torch.Tensor):
+        unit = vector.float() / vector.float().norm()
+
+        def hook(module, args, output):
+            hidden = block_hidden(output)
+            u = unit.to(hidden.device)
+            h = hidden.float()
+            component = (h @ u).unsqueeze(-1) * u
+            if rows is not None:
+                component = component * _per_row(rows, hidden)
+            return with_block_hidden(output, (h - component).to(hidden.dtype))
+        return hook
+
+    for index, vector in vectors.items():
+        if not torch.isfinite(vector).all() or vector.norm() == 0:
+            raise ValueError(f"layer {index}: cannot ablate a zero or non-finite direction")
+    with _forward_hooks(layers, {i: make(v) for i, v in vectors.items()}):
+        yield
