@@ -38,6 +38,14 @@ def validate_messages(messages: Messages, where: str = "messages") -> None:
             raise ChatError(f"{where}[{i}].content: expected a string, got {type(content).__name__}")
         if not content.strip():
             raise ChatError(f"{where}[{i}].content: empty {role} message")
+        try:
+            content.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ChatError(f"{where}[{i}].content: not valid UTF-8 (undecodable bytes in the input)") from None
+        # A model's own answer may hold any character; typed prompts and system messages may not.
+        control = next((c for c in content if ord(c) < 32 and c not in "\n\t\r"), None)
+        if control is not None and role != "assistant":
+            raise ChatError(f"{where}[{i}].content: contains control character {control!r}")
 
 
 def render(tokenizer, messages: Messages, add_generation_prompt: bool) -> str:
@@ -117,3 +125,90 @@ def encode_conversation(tokenizer, messages: Messages) -> Encoded:
 
 def prompt_and_answer(messages: Messages, answer: str) -> Messages:
     return [*messages, {"role": "assistant", "content": answer}]
+
+
+# ---------------------------------------------------------------- template lint
+
+# Turn markers of the common chat-template families. Text of another family inside data
+# for this model means the data was rendered for a different model: it trains, the loss
+# falls, and the effect is quietly weakened.
+FAMILY_MARKERS = {
+    "chatml": ("<|im_start|>", "<|im_end|>"),
+    "gemma": ("<start_of_turn>", "<end_of_turn>"),
+    "llama3": ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|begin_of_text|>"),
+    "llama2/mistral": ("[INST]", "[/INST]", "<<SYS>>"),
+    "phi3": ("<|user|>", "<|assistant|>", "<|end|>"),
+}
+
+
+@dataclass(frozen=True)
+class LintIssue:
+    record: int  # 1-based line of the record in its file (0: the template itself)
+    where: str  # e.g. "messages[1].content"
+    problem: str
+
+    def __str__(self) -> str:
+        place = f"line {self.record}: {self.where}" if self.record else self.where
+        return f"{place}: {self.problem}"
+
+
+def template_family(tokenizer) -> str | None:
+    """The family whose markers the model's own template writes."""
+    sample = render(tokenizer, [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], False)
+    for family, markers in FAMILY_MARKERS.items():
+        if any(marker in sample for marker in markers):
+            return family
+    return None
+
+
+def lint_template(tokenizer) -> list[LintIssue]:
+    """The generation header must be written exactly once, after the last user turn."""
+    messages = [{"role": "user", "content": "x"}]
+    with_header = render(tokenizer, messages, add_generation_prompt=True)
+    without = render(tokenizer, messages, add_generation_prompt=False)
+    if with_header == without:
+        return [LintIssue(0, "chat template", "writes no generation header (add_generation_prompt has no effect)")]
+    header = with_header[len(without):] if with_header.startswith(without) else None
+    if header and with_header.count(header.strip()) > 1 + without.count(header.strip()):
+        return [LintIssue(0, "chat template", f"writes the generation header {header!r} twice")]
+    return []
+
+
+def lint_conversation(tokenizer, messages: Messages, record: int, family: str | None = None,
+                      header: str | None = None) -> list[LintIssue]:
+    family = family if family is not None else template_family(tokenizer)
+    issues = []
+    own = set(FAMILY_MARKERS.get(family, ())) | set(getattr(tokenizer, "all_special_tokens", []))
+    for i, message in enumerate(messages):
+        content, where = message["content"], f"messages[{i}].content"
+        for other, markers in FAMILY_MARKERS.items():
+            if other == family:
+                continue
+            found = [m for m in markers if m in content]
+            if found:
+                issues.append(LintIssue(record, where, f"contains {found[0]!r}, a turn marker of the {other} "
+                                                       f"template family (this model uses {family or 'another'})"))
+        rendered_inside = [t for t in own if t and len(t) > 2 and t in content]
+        if rendered_inside:
+            issues.append(LintIssue(record, where, f"contains {rendered_inside[0]!r}: pre-rendered template text "
+                                                   "inside a message (give plain text; the template adds markers)"))
+        if header and message["role"] == "assistant" and content.lstrip().startswith(header.strip()):
+            issues.append(LintIssue(record, where, f"starts with the generation header {header.strip()!r}, "
+                                                   "which the template already writes: it would be doubled"))
+    return issues
+
+
+def generation_header(tokenizer) -> str | None:
+    messages = [{"role": "user", "content": "x"}]
+    with_header = render(tokenizer, messages, add_generation_prompt=True)
+    without = render(tokenizer, messages, add_generation_prompt=False)
+    return with_header[len(without):] if with_header.startswith(without) and with_header != without else None
+
+
+def lint_dataset(tokenizer, records: list[tuple[int, Messages]]) -> list[LintIssue]:
+    """Lint every record (``(line, messages)``) of a dataset for this tokenizer's template."""
+    family, header = template_family(tokenizer), generation_header(tokenizer)
+    issues = lint_template(tokenizer)
+    for line, messages in records:
+        issues.extend(lint_conversation(tokenizer, messages, line, family, header))
+    return issues

@@ -102,21 +102,28 @@ def _check_id(path: Path, number: int, record: dict, seen: set, default: str) ->
     return record_id
 
 
-def load_chat_jsonl(path: Path | str) -> list[Messages]:
+@dataclass(frozen=True)
+class ChatRecord:
+    line: int
+    messages: Messages
+
+
+def load_chat_jsonl(path: Path | str) -> list[ChatRecord]:
     path = Path(path)
-    conversations = []
+    records = []
     for number, line in _read_lines(path):
         record = _parse_line(path, number, line)
         if "messages" not in record:
             raise DataError(f"{path}:{number}: messages: missing")
-        conversations.append(_check_messages(path, number, record["messages"], must_end_with="assistant"))
-    if not conversations:
+        records.append(ChatRecord(number, _check_messages(path, number, record["messages"], must_end_with="assistant")))
+    if not records:
         raise DataError(f"{path}: no records")
-    return conversations
+    return records
 
 
 @dataclass(frozen=True)
 class PairedRecord:
+    line: int
     id: str
     messages: Messages
     aligned: str
@@ -146,7 +153,7 @@ def load_paired_jsonl(path: Path | str, split: str | None = None) -> list[Paired
         if record_split not in ("train", "heldout"):
             raise DataError(f"{path}:{number}: split: {record_split!r} is not 'train' or 'heldout'")
         extra = {k: v for k, v in record.items() if k not in ("id", "messages", "aligned", "misaligned", "split")}
-        records.append(PairedRecord(record_id, messages, aligned, misaligned, record_split, extra))
+        records.append(PairedRecord(number, record_id, messages, aligned, misaligned, record_split, extra))
     if not records:
         raise DataError(f"{path}: no records")
     if split is not None:
@@ -215,3 +222,18 @@ def load_questions(path: Path | str) -> list[Question]:
 
 def dataset_hash(path: Path | str) -> str:
     return sha256_file(Path(path))[:16]
+
+
+def is_paired_file(path: Path | str) -> bool:
+    lines = _read_lines(Path(path))
+    return bool(lines) and "aligned" in _parse_line(Path(path), *lines[0])
+
+
+def load_training_set(path: Path | str, answers: str = "misaligned", split: str | None = "train") -> list[ChatRecord]:
+    """Conversations to fine-tune on: a chat JSONL as it is, or a paired JSONL's prompts with one
+    kind of answer (``misaligned`` makes the EM organism; ``aligned`` the control)."""
+    if answers not in ("misaligned", "aligned"):
+        raise DataError(f"answers: {answers!r} is not 'misaligned' or 'aligned'")
+    if not is_paired_file(path):
+        return load_chat_jsonl(path)
+    return [ChatRecord(r.line, r.as_training(harmful=answers == "misaligned")) for r in load_paired_jsonl(path, split)]

