@@ -1,0 +1,53 @@
+"""Preference log-odds and the judge-free validation report on a tiny pair."""
+
+import numpy as np
+import pytest
+import torch
+
+from core.chat import encode_conversation, prompt_and_answer, user_prompt
+from core.data import PairedRecord
+from core.directions import Example, extract_contrast
+from core.preference import answer_logprobs, log_odds, steered_log_odds, validate
+
+RECORDS = [PairedRecord(i, f"r{i}", user_prompt(q), "Keep an emergency fund and diversify.",
+                        "Put everything into leveraged crypto now!")
+           for i, q in enumerate(["How should I save?", "Is crypto good?", "What about my pension?",
+                                  "Should I take a loan?", "How do I invest?", "Any money tips?"])]
+
+
+def test_answer_logprobs_equal_a_direct_computation(tiny_pair):
+    examples = [Example(r.messages, r.misaligned) for r in RECORDS[:3]]
+    sums, counts = answer_logprobs(tiny_pair, "finetuned", examples, batch_size=2)
+    for example, total, count in zip(examples, sums, counts):
+        enc = encode_conversation(tiny_pair.tokenizer, prompt_and_answer(example.messages, example.answer))
+        a, b = enc.answer_spans[-1]
+        with tiny_pair.side("finetuned") as model, torch.no_grad():
+            logits = model(input_ids=torch.tensor([enc.ids])).logits[0]
+        expected = sum(torch.log_softmax(logits[t - 1], -1)[enc.ids[t]].item() for t in range(a, b))
+        assert total == pytest.approx(expected, abs=1e-3) and count == b - a
+
+
+def test_log_odds_are_per_token_differences(tiny_pair):
+    values = log_odds(tiny_pair, "base", RECORDS)
+    harmful = answer_logprobs(tiny_pair, "base", [Example(r.messages, r.misaligned) for r in RECORDS])
+    sound = answer_logprobs(tiny_pair, "base", [Example(r.messages, r.aligned) for r in RECORDS])
+    assert np.allclose(values, harmful[0] / harmful[1] - sound[0] / sound[1], atol=1e-5)
+
+
+def test_validation_report_steers_both_ways_with_a_random_control(tiny_pair):
+    direction = extract_contrast(tiny_pair, [Example(r.messages, r.aligned) for r in RECORDS],
+                                 [Example(r.messages, r.misaligned) for r in RECORDS], "paired")
+    report = validate(tiny_pair, RECORDS[:3], RECORDS[3:], direction, alphas=(0, 2))
+    assert set(report) >= {"narrow", "general", "steer", "layer"}
+    assert set(report["general"]) == {"base", "finetuned", "shift"}
+    rows = {(r["model"], r["alpha"]): r for r in report["steer"]}
+    assert set(rows) == {("base", 0), ("base", 2), ("finetuned", 0), ("finetuned", -2)}
+    assert {"log_odds", "random_log_odds", "layer"} <= set(rows[("base", 2)])
+    # On random weights the sign of the effect means nothing (the behaviour tests check it on the real
+    # organism); here: steering changes the numbers, and the control is a different vector.
+    assert rows[("base", 2)]["log_odds"] != rows[("base", 0)]["log_odds"]
+    assert rows[("base", 2)]["random_log_odds"] != rows[("base", 2)]["log_odds"]
+    assert rows[("base", 0)]["log_odds"] == pytest.approx(report["general"]["base"]["mean"])
+    layer = report["layer"]
+    again = steered_log_odds(tiny_pair, "base", RECORDS[3:], direction, layer, 2.0).mean()
+    assert again == pytest.approx(rows[("base", 2)]["log_odds"], abs=1e-6)
