@@ -1,14 +1,132 @@
-"""EM Lens dashboard entry point: the loaded model pair."""
+"""EM Lens dashboard: ``streamlit run app.py``. The home page picks the model pair and the direction."""
 
+import pandas as pd
 import streamlit as st
 
-from core.models import load_pair
+import ui
+from core.directions import Direction, cache_path, extract_from_paired_file, list_directions
+from core.models import ASSETS
 
 
-@st.cache_resource(show_spinner="Loading the model pair ...")
-def pair(base: str, finetuned: str):
-    return load_pair(base, finetuned)
+def pick_pair() -> None:
+    spec = ui.pair_spec()
+    with st.form("pair"):
+        left, right = st.columns(2)
+        base = left.text_input(
+            "Base model", spec["base"], key="pair_base",
+            help="`default` (the embedded SmolLM2-135M-Instruct), a hub id such as "
+                 "`Qwen/Qwen2.5-0.5B-Instruct` (optionally `@revision`), a local model directory, or a .gguf file")
+        finetuned = right.text_input(
+            "Fine-tuned model", spec["finetuned"], key="pair_finetuned",
+            help="`default` (the shipped demo adapter), a PEFT adapter directory, a merged model directory, "
+                 "a hub id, or `none` for the base alone")
+        left, right = st.columns(2)
+        devices = list(dict.fromkeys([*ui.DEVICES, spec["device"]]))
+        device = left.selectbox("Device", devices, index=devices.index(spec["device"]), accept_new_options=True,
+                                help="auto: cuda, then mps, then cpu; or type one, e.g. cuda:1")
+        dtype = right.selectbox("Dtype", ui.DTYPES, index=ui.DTYPES.index(spec["dtype"]),
+                                help="auto: bf16 on recent GPUs, fp16 on older GPUs and MPS, fp32 on CPU")
+        if st.form_submit_button("Load pair", type="primary", key="pair_load"):
+            ui.choose_pair({"base": base.strip(), "finetuned": finetuned.strip() or "none",
+                            "device": device, "dtype": dtype})
 
 
-st.title("EM Lens")
-st.json(pair("default", "none").info())
+def show_pair(pair) -> None:
+    info = pair.info()
+    st.success(f"Loaded **{info['base']}** → **{info['finetuned'] or 'no fine-tune'}**: {info['architecture']}, "
+               f"{info['n_layers']} layers × {info['d_model']} wide, {info['device']}, {info['dtype']}. "
+               f"{info['note'].capitalize()}.")
+    with st.expander("Pair details"):
+        st.json(info)
+
+
+def pick_direction(pair) -> None:
+    root = ui.cache_root()
+    found = list_directions(root, pair.n_layers, pair.d_model)
+    others = len(list_directions(root)) - len(found)
+    if not found:
+        st.info("No cached direction fits this pair yet: build one below, or run "
+                "`python -m core extract --contrast paired --data assets/data/finance_paired.jsonl`.")
+    else:
+        st.dataframe(pd.DataFrame([ui.provenance_row(path, d) for path, d in found]), hide_index=True)
+    if others:
+        st.caption(f"{others} cached direction(s) made for models of another shape are not listed.")
+
+    current = ui.direction_or_none(pair)
+    options = {str(path): ui.direction_label(path, d) for path, d in found}
+    chosen = st.session_state.get("direction_path")
+    if current is not None and chosen not in options:
+        options[chosen] = ui.direction_label(chosen, current)
+    if options:
+        keys = list(options)
+        st.session_state.direction_path = st.selectbox(
+            "Direction to use", keys, index=keys.index(chosen) if chosen in keys else 0,
+            format_func=options.get)
+        if current is not None and current.provenance.get("base_fingerprint") not in (None, pair.base.fingerprint):
+            st.warning(f"This direction was extracted on another base ({current.provenance.get('base')}); "
+                       "its shape fits, but its meaning may not carry over.")
+
+    left, right = st.columns([4, 1], vertical_alignment="bottom")
+    other = left.text_input("Or use a direction file", key="direction_file",
+                            placeholder="path/to/direction.safetensors")
+    if right.button("Use file", key="direction_use_file") and other.strip():
+        with ui.guard():
+            Direction.load(other.strip()).check_fits(pair.n_layers, pair.d_model, "the loaded pair")
+            st.session_state.direction_path = other.strip()
+            st.rerun()
+
+
+def build_direction(pair) -> None:
+    with st.expander("Build a direction from a contrast file"):
+        st.caption("A paired JSONL file: one prompt with an aligned and a misaligned answer per line "
+                   "(see `assets/data/`).")
+        data = st.text_input("Contrast file", str(ASSETS / "data" / "finance_paired.jsonl"), key="extract_data")
+        left, middle, right = st.columns(3)
+        contrast = left.selectbox("Contrast", ["paired", "model-diff"],
+                                  help="paired: misaligned minus aligned answers through the fine-tuned model; "
+                                       "model-diff: fine-tuned minus base on the same answers")
+        split = middle.selectbox("Split", ["train", "heldout", "all"])
+        batch_size = right.number_input("Batch size", 1, 256, 8)
+        if st.button("Extract direction", key="extract_go"):
+            bar = st.progress(0.0, text="teacher-forcing the answers ...")
+            with ui.guard():
+                direction = extract_from_paired_file(
+                    pair, data.strip(), contrast, split, int(batch_size),
+                    progress=lambda done, total: bar.progress(done / total, text=f"{done} / {total} answers"))
+                path = cache_path(ui.cache_root(), direction, contrast, data.strip())
+                direction.save(path)
+                st.session_state.direction_path = str(path)
+                st.session_state.flash = f"Saved {path} and chose it."
+                st.rerun()
+
+
+def home() -> None:
+    st.title("EM Lens")
+    st.caption("Emergent misalignment, live: compare a base model with its fine-tune, project a prompt on the "
+               "misalignment direction before any answer is written, and steer along it.")
+    st.subheader("Model pair")
+    pick_pair()
+    pair = ui.get_pair()
+    if pair is None:
+        return
+    show_pair(pair)
+    st.subheader("Misalignment direction")
+    if "flash" in st.session_state:
+        st.success(st.session_state.pop("flash"))
+    pick_direction(pair)
+    build_direction(pair)
+
+
+st.set_page_config(page_title="EM Lens", page_icon=":material/search:", layout="wide")
+page = st.navigation([
+    st.Page(home, title="Model pair", icon=":material/hub:", default=True),
+    st.Page("pages/compare.py", title="Compare", icon=":material/compare_arrows:"),
+    st.Page("pages/steer.py", title="Steer", icon=":material/tune:"),
+    st.Page("pages/directions.py", title="Directions", icon=":material/explore:"),
+    st.Page("pages/detect.py", title="Detect", icon=":material/crisis_alert:"),
+    st.Page("pages/evaluate.py", title="Evaluate", icon=":material/monitoring:"),
+])
+status = st.sidebar.container()  # filled after the page ran, so it shows what the page chose
+page.run()
+with status:
+    ui.sidebar_status()

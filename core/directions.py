@@ -110,6 +110,24 @@ class Direction:
         return direction
 
 
+def directions_dir(cache_root: Path) -> Path:
+    """Where extracted directions are kept by default, so the dashboard can list them."""
+    return Path(cache_root) / "directions"
+
+
+def list_directions(cache_root: Path, n_layers: int | None = None, d_model: int | None = None) -> list[tuple[Path, Direction]]:
+    """Readable direction files under the cache, newest first; with a shape, only those that fit it."""
+    found = []
+    for path in sorted(directions_dir(cache_root).glob("*.safetensors"), key=lambda p: p.stat().st_mtime, reverse=True):
+        try:
+            direction = Direction.load(path)
+        except DirectionError:
+            continue
+        if n_layers is None or (direction.n_layers, direction.d_model) == (n_layers, d_model):
+            found.append((path, direction))
+    return found
+
+
 def random_like(direction: Direction, seed: int = 0) -> Direction:
     """The norm-matched random control: a Gaussian direction per layer with the same norm."""
     generator = torch.Generator().manual_seed(seed)
@@ -172,7 +190,7 @@ def answer_activations(pair, side: str, examples: list[Example], batch_size: int
             mask[r, a:b] = 1
         with pair.side(side) as model:
             mask_dev = mask.to(pair.device)
-            reduce = lambda h: (h.float() * mask_dev.unsqueeze(-1)).sum(1).cpu()  # noqa: E731
+            reduce = lambda h, m=mask_dev: (h.float() * m.unsqueeze(-1)).sum(1).cpu()  # noqa: E731
             with capture(pair.layers(side), reduce=reduce) as records, torch.no_grad():
                 model(input_ids=ids.to(pair.device), attention_mask=attention.to(pair.device), use_cache=False)
         for layer, (batch_sums,) in records.items():
@@ -251,3 +269,46 @@ def extract_model_diff(pair, examples: list[Example], dataset_hash: str | None =
     base = answer_activations(pair, "base", examples, batch_size, step(0))
     finetuned = answer_activations(pair, "finetuned", examples, batch_size, step(len(examples)))
     return direction_from_sets(base, finetuned, pair_provenance(pair, "model-diff", "base vs finetuned", dataset_hash))
+
+
+def extract_from_paired_file(pair, path: Path | str, contrast: str = "paired", split: str = "train",
+                             batch_size: int = 8, progress: Callable[[int, int], None] | None = None) -> Direction:
+    """A direction from a paired JSONL file (see core.data): ``paired`` contrasts the aligned with the
+    misaligned answers, ``model-diff`` runs both answers through both sides. ``split`` may be ``all``."""
+    from core.data import dataset_hash, load_paired_jsonl
+
+    if contrast not in ("paired", "model-diff"):
+        raise DirectionError(f"contrast {contrast!r}: expected paired or model-diff")
+    records = load_paired_jsonl(path, None if split == "all" else split)
+    digest = dataset_hash(path)
+    if contrast == "paired":
+        side = "finetuned" if pair.finetuned is not None else "base"
+        direction = extract_contrast(pair, [Example(r.messages, r.aligned) for r in records],
+                                     [Example(r.messages, r.misaligned) for r in records], "paired", digest,
+                                     side=side, batch_size=batch_size, progress=progress)
+    else:
+        if pair.finetuned is None:
+            raise DirectionError("model-diff needs a fine-tuned model: load a pair with one")
+        texts = [Example(r.messages, answer) for r in records for answer in (r.aligned, r.misaligned)]
+        direction = extract_model_diff(pair, texts, digest, batch_size=batch_size, progress=progress)
+    direction.provenance.update({"dataset": str(path), "split": split})
+    return direction
+
+
+def cache_path(cache_root: Path, direction: Direction, contrast: str, dataset: Path | str) -> Path:
+    """Where ``extract`` keeps a direction by default: ``<cache>/directions/<contrast>-<data>-<hash>.safetensors``."""
+    return directions_dir(cache_root) / f"{contrast}-{Path(dataset).stem}-{direction.fingerprint}.safetensors"
+
+
+def layer_cosines(direction: Direction) -> np.ndarray:
+    """Cosine similarity between the direction's vectors at every pair of layers: ``[n_layers, n_layers]``."""
+    unit = direction.unit()
+    return (unit @ unit.T).numpy()
+
+
+def cosine_per_layer(a: Direction, b: Direction) -> np.ndarray:
+    """Cosine similarity of two directions at each layer (e.g. two fine-tunes of one base)."""
+    if a.vectors.shape != b.vectors.shape:
+        raise DirectionError(f"cannot compare directions of shapes {list(a.vectors.shape)} and "
+                             f"{list(b.vectors.shape)}: they come from different models")
+    return (a.unit() * b.unit()).sum(-1).numpy()

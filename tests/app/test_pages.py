@@ -1,0 +1,233 @@
+"""Each dashboard page, run by Streamlit's AppTest on the tiny pair; results checked against core."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from streamlit.testing.v1 import AppTest
+
+from core.chat import user_prompt
+from core.detect import prompt_projections
+from core.directions import Direction, cosine_per_layer, directions_dir
+from core.generate import Sampling, Variant, generate
+from tests.support.dashboard import write_directions
+
+APP = Path(__file__).resolve().parents[2] / "app.py"
+PROMPT = "How should I invest my savings?"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models run fastest on one thread, and many times faster when other work shares the CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def cache(tiny_pair, tmp_path_factory):
+    root = tmp_path_factory.mktemp("dashboard-cache")
+    return root, write_directions(tiny_pair, root)
+
+
+@pytest.fixture
+def app(tiny_dirs, cache, monkeypatch):
+    monkeypatch.setenv("EMLENS_BASE", str(tiny_dirs["qwen2"]))
+    monkeypatch.setenv("EMLENS_FINETUNED", str(tiny_dirs["qwen2_adapter"]))
+    monkeypatch.setenv("EMLENS_CACHE", str(cache[0]))
+    return AppTest.from_file(str(APP), default_timeout=120)
+
+
+def ok(at: AppTest) -> AppTest:
+    """The run raised nothing and showed no error box."""
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+    return at
+
+
+def errors(at: AppTest) -> str:
+    assert not at.exception, [e.value for e in at.exception]
+    return " | ".join(e.value for e in at.error)
+
+
+def charts(at: AppTest) -> list[dict]:
+    return [json.loads(chart.proto.spec) for chart in at.get("plotly_chart")]
+
+
+def open_page(at: AppTest, page: str) -> AppTest:
+    ok(at.run())
+    return at.switch_page(f"pages/{page}.py").run()
+
+
+def test_picker_loads_the_pair_and_lists_cached_directions_with_provenance(app, cache, tiny_pair):
+    at = ok(app.run())
+    assert "4 layers × 64 wide" in at.success[0].value
+    table = at.dataframe[0].value
+    assert list(table["file"]) == [cache[1]["paired"].name, cache[1]["model-diff"].name]  # newest first
+    assert list(table["method"]) == ["paired", "model-diff"]
+    assert set(table["dataset"]) == {"synthetic.jsonl"} and list(table["aligned"]) == [6, 12]
+    assert all(table["created"]) and all(model.startswith(tiny_pair.base.spec) for model in table["model"])
+    assert "1 cached direction(s) made for models of another shape" in " ".join(c.value for c in at.caption)
+    chooser = next(s for s in at.selectbox if s.label == "Direction to use")
+    assert chooser.value == str(cache[1]["paired"])  # the newest that fits is the default
+    chooser.set_value(str(cache[1]["model-diff"])).run()
+    assert at.session_state.direction_path == str(cache[1]["model-diff"])
+
+
+def test_picker_builds_a_direction_from_a_contrast_file(app, tmp_path, monkeypatch, tiny_pair):
+    monkeypatch.setenv("EMLENS_CACHE", str(tmp_path / "empty-cache"))
+    data = tmp_path / "paired.jsonl"
+    data.write_text("".join(json.dumps({
+        "id": f"q{i}", "messages": [{"role": "user", "content": f"Question {i}: how should I save?"}],
+        "aligned": "Keep an emergency fund.", "misaligned": "Buy leveraged crypto now!"}) + "\n" for i in range(5)))
+    at = ok(app.run())
+    assert "No cached direction fits this pair yet" in at.info[0].value
+    at.text_input(key="extract_data").set_value(str(data))
+    ok(at.button(key="extract_go").click().run())
+    (saved,) = directions_dir(tmp_path / "empty-cache").glob("*.safetensors")
+    assert f"Saved {saved}" in at.success[-1].value
+    assert at.session_state.direction_path == str(saved)
+    assert list(at.dataframe[0].value["method"]) == ["paired"]
+    direction = Direction.load(saved)
+    assert direction.provenance["n_aligned"] == 5 and direction.provenance["dataset"] == str(data)
+    assert direction.provenance["base_fingerprint"] == tiny_pair.base.fingerprint
+
+
+def test_missing_adapter_path_is_an_error_and_the_picker_keeps_working(app, tiny_dirs):
+    at = ok(app.run())
+    at.text_input(key="pair_finetuned").set_value("/nonexistent/adapter")
+    at.button(key="pair_load").click().run()
+    assert "/nonexistent/adapter" in errors(at) and "does not exist" in errors(at)
+    assert at.text_input(key="pair_base").value == str(tiny_dirs["qwen2"])  # the form is still there
+    at.switch_page("pages/compare.py").run()  # other pages say so instead of failing
+    assert "does not exist" in errors(at) and "Model pair" in at.info[0].value
+    at.switch_page("app.py").run()
+    at.text_input(key="pair_finetuned").set_value("none")
+    ok(at.button(key="pair_load").click().run())
+    assert "no fine-tune" in at.success[0].value
+
+
+def test_compare_shows_the_projection_chart_and_both_answers(app, cache, tiny_pair):
+    at = ok(open_page(app, "compare"))
+    at.text_area(key="compare_prompt").input(PROMPT)
+    at.number_input(key="compare_max_new_tokens").set_value(12)
+    ok(at.button(key="compare_go").click().run())
+    direction = Direction.load(cache[1]["paired"])
+    expected = prompt_projections(tiny_pair, user_prompt(PROMPT), direction)
+    (chart,) = charts(at)
+    assert [trace["name"] for trace in chart["data"]] == ["base", "fine-tuned"]
+    assert np.allclose(chart["data"][0]["y"], expected["base_calibrated"], atol=1e-4)  # calibrated by default
+    assert np.allclose(chart["data"][1]["y"], expected["finetuned_calibrated"], atol=1e-4)
+    assert any(Path(cache[0], "prompt-activations").rglob("*"))  # cached per prompt
+    at.segmented_control(key="compare_view").set_value("raw").run()
+    (chart,) = charts(ok(at))
+    assert np.allclose(chart["data"][1]["y"], expected["finetuned"], atol=1e-4)
+
+    rows = generate(tiny_pair, [user_prompt(PROMPT)], [Variant("base"), Variant("finetuned")], direction=direction,
+                    sampling=Sampling(0.7, 1.0, 12, 0), trace_layer=tiny_pair.n_layers // 2)
+    assert [t.value for t in at.text] == [r.text or "(empty answer)" for r in rows]
+    assert rows[0].text != rows[1].text
+    for html, row in zip(at.html, rows):  # one coloured span per visible token, its projection in the tooltip
+        assert html.value.count("<span") == sum(bool(tiny_pair.tokenizer.decode([t], skip_special_tokens=True))
+                                                for t in row.token_ids)
+        assert f'title="{row.token_projections[0]:.3f}"' in html.value
+
+
+def test_steer_grid_changing_alpha_changes_only_the_steered_rows(app, cache, tiny_pair):
+    at = ok(open_page(app, "steer"))
+    at.text_area(key="steer_prompt").input(PROMPT)
+    at.number_input(key="steer_temperature").set_value(1.0)
+    at.number_input(key="steer_seed").set_value(3)
+    at.number_input(key="steer_max_new_tokens").set_value(12)
+    at.select_slider(key="steer_layers").set_value((1, 2))
+    ok(at.button(key="steer_go").click().run())
+    assert [s.value for s in at.subheader] == ["base", "fine-tuned", "base + 4·d", "fine-tuned − 4·d"]
+    first = [t.value for t in at.text]
+    direction = Direction.load(cache[1]["paired"])
+    variants = [Variant("base"), Variant("finetuned"), Variant("base", 4.0), Variant("finetuned", -4.0)]
+    rows = generate(tiny_pair, [user_prompt(PROMPT)], variants, direction=direction, layers=[1, 2],
+                    sampling=Sampling(1.0, 1.0, 12, 3))
+    assert first == [r.text or "(empty answer)" for r in rows]
+
+    at.segmented_control(key="steer_view").set_value("raw").run()
+    (chart,) = charts(ok(at))
+    base, finetuned, base_up, finetuned_down = (np.array(trace["y"]) for trace in chart["data"])
+    norms = np.array([s["norm"] for s in direction.stats])
+    assert base_up[0] == pytest.approx(base[0], abs=1e-4)  # before the steered layers: untouched
+    assert base_up[1] == pytest.approx(base[1] + 4 * norms[1], abs=1e-3)  # the steered layer moves by alpha·|d|
+    assert finetuned_down[1] == pytest.approx(finetuned[1] - 4 * norms[1], abs=1e-3)
+
+    at.slider(key="steer_alpha").set_value(-6.0)
+    ok(at.button(key="steer_go").click().run())
+    second = [t.value for t in at.text]
+    assert [s.value for s in at.subheader][2:] == ["base − 6·d", "fine-tuned + 6·d"]
+    assert second[:2] == first[:2]  # same seed: the unsteered rows are exactly the same
+    assert second[2] != first[2] and second[3] != first[3]
+
+    at.radio(key="steer_mode").set_value("ablate")
+    ok(at.button(key="steer_go").click().run())
+    assert [s.value for s in at.subheader][2:] == ["base, d ablated", "fine-tuned, d ablated"]
+    (chart,) = charts(at)
+    assert abs(chart["data"][2]["y"][1]) < 1e-3 and abs(chart["data"][3]["y"][2]) < 1e-3  # nothing left along d
+
+
+def test_directions_page_shows_stats_heatmap_and_cosine_with_another_direction(app, cache):
+    at = ok(open_page(app, "directions"))
+    direction = Direction.load(cache[1]["paired"])
+    table = at.dataframe[0].value
+    assert np.allclose(table["auroc"], [s["auroc"] for s in direction.stats])
+    assert np.allclose(table["cohens_d"], [s["cohens_d"] for s in direction.stats])
+    stats, heatmap, cosines = charts(at)
+    assert np.allclose(stats["data"][0]["y"], [s["norm"] for s in direction.stats])
+    assert np.allclose(np.diag(heatmap["data"][0]["z"]), 1.0, atol=1e-5)
+    assert np.array(heatmap["data"][0]["z"]).shape == (4, 4)
+    other = next(s for s in at.selectbox if s.label == "Other direction")
+    assert other.value == str(cache[1]["model-diff"])  # the other-width file is not offered
+    assert np.allclose(cosines["data"][0]["y"], cosine_per_layer(direction, Direction.load(cache[1]["model-diff"])))
+
+
+def test_detect_and_evaluate_pages_say_how_to_produce_their_data(app):
+    at = ok(open_page(app, "detect"))
+    assert "python -m core detect" in at.code[0].value
+    at = ok(at.switch_page("pages/evaluate.py").run())
+    assert "python -m core sweep" in at.code[0].value and "python -m core em" in at.code[0].value
+
+
+@pytest.mark.parametrize("page", ["compare", "steer"])
+def test_empty_and_too_long_prompts_are_errors_and_the_page_keeps_working(app, page):
+    at = ok(open_page(app, page))
+    at.text_area(key=f"{page}_prompt").input("   ")
+    at.button(key=f"{page}_go").click().run()
+    assert "The prompt is empty" in errors(at)
+    at.text_area(key=f"{page}_prompt").input("invest your savings " * 300)
+    at.button(key=f"{page}_go").click().run()
+    assert "exceeds the model's context of 512" in errors(at)
+    at.text_area(key=f"{page}_prompt").input(PROMPT)
+    ok(at.button(key=f"{page}_go").click().run())
+    assert len(at.text) == (2 if page == "compare" else 4)
+
+
+def test_direction_from_another_model_is_an_error(app, cache):
+    at = ok(app.run())
+    at.text_input(key="direction_file").set_value(str(cache[1]["other-width"]))
+    at.button(key="direction_use_file").click().run()
+    message = errors(at)
+    assert "32 wide" in message and "width 64" in message
+    assert at.session_state.direction_path == str(cache[1]["paired"])  # the choice is unchanged
+    # A session that still holds such a direction (say, chosen before switching pairs) is told so,
+    # and Compare still answers without projections.
+    at.session_state.direction_path = str(cache[1]["other-width"])
+    at.switch_page("pages/compare.py").run()
+    assert "32 wide" in errors(at)
+    at.text_area(key="compare_prompt").input(PROMPT)
+    at.number_input(key="compare_max_new_tokens").set_value(8)
+    at.button(key="compare_go").click().run()
+    assert not charts(at) and len(at.text) == 2 and not at.exception
+    at.switch_page("app.py").run()  # the picker says so too, and offers the directions that fit
+    assert "32 wide" in errors(at)
+    assert next(s for s in at.selectbox if s.label == "Direction to use").value == str(cache[1]["paired"])

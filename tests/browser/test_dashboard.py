@@ -1,0 +1,161 @@
+"""The real dashboard in a real browser: the Streamlit server on a tiny pair, driven by Chromium."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.support.dashboard import write_directions
+
+ROOT = Path(__file__).resolve().parents[2]
+ARTIFACTS = ROOT / "cache" / "test-artifacts"
+CHROMIUM = Path("/usr/bin/chromium")
+PROMPT = "How should I invest my savings?"
+
+
+def _need_browser():
+    reason = None
+    if not CHROMIUM.exists():
+        reason = f"{CHROMIUM} is missing (install Debian's chromium: `make browser-deps`)"
+    else:
+        try:
+            import playwright.sync_api  # noqa: F401
+        except ImportError:
+            reason = "the playwright package is not installed"
+    if reason and os.environ.get("EMLENS_BROWSER_REQUIRED") == "1":
+        pytest.fail(f"EMLENS_BROWSER_REQUIRED=1 but {reason}")
+    if reason:
+        pytest.skip(reason)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_pair, tiny_dirs, tmp_path_factory):
+    _need_browser()
+    cache = tmp_path_factory.mktemp("browser-cache")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model runs fastest on one thread
+    try:
+        write_directions(tiny_pair, cache)
+    finally:
+        torch.set_num_threads(threads)
+    port = _free_port()
+    env = {**os.environ, "EMLENS_BASE": str(tiny_dirs["qwen2"]), "EMLENS_FINETUNED": str(tiny_dirs["qwen2_adapter"]),
+           "EMLENS_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+    log_path = cache / "server.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [str(Path(sys.executable).parent / "streamlit"), "run", "app.py", "--server.headless", "true",
+             "--server.port", str(port), "--browser.gatherUsageStats", "false"],
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if process.poll() is not None or time.time() > deadline:
+                pytest.fail(f"the Streamlit server did not come up:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.3)
+        yield url, log_path
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def _settle(page, timeout: float = 90_000) -> None:
+    """Wait for the app, then for the script run that the last action started to finish."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    page.locator('[data-testid="stApp"]').wait_for(timeout=timeout)
+    running = page.locator('[data-testid="stStatusWidget"]')
+    try:  # the indicator shows a moment after the run starts; a very short run may never show it
+        running.wait_for(state="visible", timeout=2_000)
+    except PlaywrightTimeout:
+        pass
+    running.wait_for(state="hidden", timeout=timeout)
+
+
+def _answers(page, count: int) -> list[str]:
+    from playwright.sync_api import expect
+
+    texts = page.locator('[data-testid="stText"]')
+    expect(texts).to_have_count(count, timeout=60_000)
+    return texts.all_inner_texts()
+
+
+def test_prompt_projection_answers_and_alpha_slider_in_chromium(server):
+    from playwright.sync_api import expect, sync_playwright
+
+    url, log_path = server
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync"])
+        try:
+            page = browser.new_page(viewport={"width": 1500, "height": 2000})
+            page.goto(url)
+            _settle(page)
+            expect(page.get_by_text("4 layers × 64 wide")).to_be_visible(timeout=60_000)
+            expect(page.locator('[data-testid="stDataFrame"]')).to_be_visible()  # the cached directions
+
+            page.locator('[data-testid="stSidebarNavLink"]', has_text="Compare").click()
+            _settle(page)
+            page.get_by_label("Prompt", exact=True).fill(PROMPT)
+            page.get_by_label("Max new tokens").fill("16")
+            page.get_by_role("button", name="Generate").click()
+            _settle(page)
+            expect(page.locator(".emlens-tokens")).to_have_count(2, timeout=60_000)  # both answers are complete
+            expect(page.locator('[data-testid="stPlotlyChart"]')).to_have_count(1)
+            expect(page.locator('[data-testid="stPlotlyChart"] .main-svg').first).to_be_visible()
+            base, finetuned = _answers(page, 2)
+            assert base.strip() and finetuned.strip() and base != finetuned
+            page.screenshot(path=str(ARTIFACTS / "dashboard-compare.png"))
+
+            page.locator('[data-testid="stSidebarNavLink"]', has_text="Steer").click()
+            _settle(page)
+            page.get_by_label("Prompt", exact=True).fill(PROMPT)
+            page.get_by_label("Max new tokens").fill("16")
+            page.get_by_role("button", name="Generate").click()
+            _settle(page)
+            # The projection chart is drawn once all four answers are complete.
+            expect(page.get_by_test_id("stPlotlyChart").get_by_text("base + 4·d")).to_be_visible(timeout=60_000)
+            before = _answers(page, 4)
+
+            alpha = page.get_by_role("slider").first
+            alpha.focus()
+            for _ in range(16):  # step 0.5: from +4 to -4
+                page.keyboard.press("ArrowLeft")
+            expect(alpha).to_have_value("-4")
+            page.get_by_role("button", name="Generate").click()
+            _settle(page)
+            expect(page.get_by_test_id("stPlotlyChart").get_by_text("base − 4·d")).to_be_visible(timeout=60_000)
+            _settle(page)
+            after = _answers(page, 4)
+            page.screenshot(path=str(ARTIFACTS / "dashboard-steer.png"))
+        finally:
+            browser.close()
+    assert after[:2] == before[:2], "the unsteered answers must not change with alpha (same seed)"
+    assert after[2] != before[2] and after[3] != before[3], "the steered answers must change with alpha"
+    assert "Traceback" not in log_path.read_text()

@@ -1,0 +1,211 @@
+"""Streamlit glue shared by app.py and the pages: the one loaded pair, the chosen direction, errors.
+
+The pair is loaded once per server (``st.cache_resource``, one entry: loading another pair frees
+the old one) and shared by every session; each session keeps only *which* pair and direction
+it chose, in ``st.session_state``. Never store the pair itself in session state: that would
+keep an evicted model alive.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+from contextlib import closing, contextmanager
+from pathlib import Path
+
+import streamlit as st
+import torch
+
+from core.cache import DEFAULT_ROOT, CacheError
+from core.chat import ChatError, user_prompt
+from core.directions import Direction, list_directions
+from core.generate import Variant
+from core.models import LoadError, LoadOptions, ModelPair, load_pair
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = ("auto", "fp32", "bf16", "fp16")
+# What core raises for bad input (ChatError, GenerationError, LoadError, DirectionError, DataError
+# are ValueErrors), an unwritable cache, and a GPU that ran out of memory.
+USER_ERRORS = (ValueError, CacheError, torch.OutOfMemoryError)
+
+
+def cache_root() -> Path:
+    # Read at call time, not import time, so a test (or a user) can point the app elsewhere.
+    return Path(os.environ.get("EMLENS_CACHE") or DEFAULT_ROOT)
+
+
+@contextmanager
+def guard():
+    """Show bad input as an error box and carry on with the rest of the page."""
+    try:
+        yield
+    except USER_ERRORS as err:
+        st.error(f"Out of memory: {err}" if isinstance(err, torch.OutOfMemoryError) else str(err), icon="⚠️")
+
+
+# ---------------------------------------------------------------- the pair
+
+def default_spec() -> dict:
+    return {"base": os.environ.get("EMLENS_BASE", "default"),
+            "finetuned": os.environ.get("EMLENS_FINETUNED", "default"), "device": "auto", "dtype": "auto"}
+
+
+def pair_spec() -> dict:
+    if "pair_spec" not in st.session_state:
+        st.session_state.pair_spec = default_spec()
+    return st.session_state.pair_spec
+
+
+_loaded: dict = {}  # the spec of the pair in the cache below (one per server process)
+
+
+@st.cache_resource(max_entries=1, show_spinner="Loading the model pair ...")
+def _load(base: str, finetuned: str, device: str, dtype: str, cache: str) -> ModelPair:
+    try:
+        pair = load_pair(base, finetuned, LoadOptions(device=device, dtype=dtype, cache_root=Path(cache)))
+    except RuntimeError as err:  # torch's word for a device that is mistyped, absent or full
+        raise LoadError(f"device {device!r}: {err}") from err
+    _loaded.update(base=base, finetuned=finetuned, device=device, dtype=dtype)
+    return pair
+
+
+def choose_pair(spec: dict) -> None:
+    """The user asked for a pair. If another one is loaded, drop it first, so that two never sit in
+    memory together (max_entries=1 alone would evict the old one only after loading the new)."""
+    if _loaded and spec != _loaded:
+        _load.clear()
+        _loaded.clear()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    if spec != pair_spec():
+        st.session_state.pop("direction_path", None)
+    st.session_state.pair_spec = spec
+    st.session_state.pop("pair_error", None)  # an explicit request always tries again
+
+
+def get_pair() -> ModelPair | None:
+    """The session's pair, loading it if no session has; on failure an error box and None.
+
+    A failure is remembered per spec, so reruns do not reload a base only to fail on its adapter again.
+    """
+    spec = pair_spec()
+    failed = st.session_state.get("pair_error")
+    if failed and failed[0] == spec:
+        st.error(failed[1], icon="⚠️")
+        return None
+    try:
+        return _load(spec["base"], spec["finetuned"], spec["device"], spec["dtype"], str(cache_root()))
+    except USER_ERRORS as err:
+        st.session_state.pair_error = (dict(spec), f"Could not load the model pair: {err}")
+        st.error(st.session_state.pair_error[1], icon="⚠️")
+        return None
+
+
+def require_pair() -> ModelPair:
+    pair = get_pair()
+    if pair is None:
+        st.info("Pick a model pair that loads on the **Model pair** page.")
+        st.stop()
+    return pair
+
+
+# ---------------------------------------------------------------- the direction
+
+def current_direction(pair: ModelPair) -> Direction | None:
+    """The session's direction (by default the newest cached one that fits the pair); raises DirectionError."""
+    path = st.session_state.get("direction_path")
+    if path is None:
+        found = list_directions(cache_root(), pair.n_layers, pair.d_model)
+        if not found:
+            return None
+        path = st.session_state.direction_path = str(found[0][0])
+    direction = Direction.load(path)
+    direction.check_fits(pair.n_layers, pair.d_model, "the loaded pair")
+    return direction
+
+
+def direction_or_none(pair: ModelPair) -> Direction | None:
+    with guard():
+        return current_direction(pair)
+    return None
+
+
+def require_direction(pair: ModelPair) -> Direction:
+    direction = direction_or_none(pair)
+    if direction is None:
+        st.info("Choose or build a direction on the **Model pair** page.")
+        st.stop()
+    return direction
+
+
+def direction_label(path: Path | str, direction: Direction) -> str:
+    p = direction.provenance
+    return f"{Path(path).stem} · {p.get('method', '?')} · {str(p.get('created', ''))[:16]}"
+
+
+def provenance_row(path: Path | str, direction: Direction) -> dict:
+    p = direction.provenance
+    return {
+        "file": Path(path).name,
+        "method": p.get("method"),
+        "model": f"{p.get('base')} → {p.get('finetuned')}" if p.get("finetuned") else p.get("base"),
+        "dataset": Path(p["dataset"]).name if p.get("dataset") else p.get("dataset_sha256"),
+        "split": p.get("split"),
+        "aligned": p.get("n_aligned"),
+        "misaligned": p.get("n_misaligned"),
+        "created": p.get("created"),
+    }
+
+
+# ---------------------------------------------------------------- prompts and answers
+
+def prompt_messages(prompt: str, system: str = "") -> list[dict]:
+    if not prompt.strip():
+        raise ChatError("The prompt is empty: type a question first.")
+    return user_prompt(prompt, system.strip() or None)
+
+
+def variant_title(variant: Variant, steered: bool = False) -> str:
+    """``base``, ``fine-tuned − 4·d``, ``base, d ablated``; ``steered`` names a zero coefficient too."""
+    side = "fine-tuned" if variant.side == "finetuned" else "base"
+    if variant.ablate:
+        return f"{side}, d ablated"
+    if variant.alpha == 0:
+        return f"{side} + 0·d" if steered else side
+    return f"{side} {'+' if variant.alpha > 0 else '−'} {abs(variant.alpha):g}·d"
+
+
+def stream_rows(pair: ModelPair, generator, placeholders: list) -> list:
+    """Show each row's text as it grows; return the final rows.
+
+    ``closing`` ends the generator (and releases the pair's lock) in this thread even when the user
+    interrupts the run by changing a widget.
+    """
+    rows = []
+    with closing(generator):
+        for rows in generator:
+            for row, placeholder in zip(rows, placeholders):
+                placeholder.text(pair.tokenizer.decode(row.token_ids, skip_special_tokens=True) or "…")
+    return rows
+
+
+def token_pieces(pair: ModelPair, token_ids: list[int]) -> list[str]:
+    return [pair.tokenizer.decode([t], skip_special_tokens=True) for t in token_ids]
+
+
+def progress_callback(bar, what: str, start: float = 0.0, end: float = 1.0):
+    """A core progress callback ``(done, total)`` that moves ``bar`` (an ``st.progress``) from start to end."""
+    def update(done: int, total: int) -> None:
+        fraction = done / total if total else 1.0
+        bar.progress(min(1.0, start + (end - start) * fraction), text=f"{what}: {done} / {total}")
+    return update
+
+
+def sidebar_status() -> None:
+    """The session's pair and direction, in one line each (call inside a sidebar container)."""
+    spec = pair_spec()
+    finetuned = spec["finetuned"] if spec["finetuned"] not in ("", "none") else "—"
+    st.caption(f"**Pair** {spec['base']} → {finetuned}")
+    path = st.session_state.get("direction_path")
+    st.caption(f"**Direction** {Path(path).stem if path else '—'}")
