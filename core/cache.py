@@ -90,7 +90,7 @@ class Cache:
             return payload
         aside = path.with_name(path.name + ".corrupt")
         os.replace(path, aside)
-        warnings.warn(f"cache entry {path} was truncated or corrupt; moved to {aside.name} and recomputing")
+        warnings.warn(f"cache entry {path} was truncated or corrupt; moved to {aside.name} and recomputing", stacklevel=2)
         return None
 
     def store(self, key: str, payload: bytes) -> None:
@@ -121,6 +121,27 @@ def append_jsonl(path: Path, record: dict) -> None:
         os.fsync(handle.fileno())
 
 
+def repair_jsonl_tail(path: Path) -> None:
+    """Before appending to a log: end it with a newline, so a new line never merges into a
+    last line cut by a killed run. A complete last line gets its newline; a cut one is removed
+    (readers already skip it and its row is redone)."""
+    path = Path(path)
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    data = path.read_bytes()
+    if data.endswith(b"\n"):
+        return
+    cut = data.rfind(b"\n") + 1
+    try:
+        json.loads(data[cut:].decode("utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        with open(path, "r+b") as handle:
+            handle.truncate(cut)
+    else:
+        with open(path, "ab") as handle:
+            handle.write(b"\n")
+
+
 def read_jsonl_tolerant(path: Path) -> list[dict]:
     """Read a JSONL log written by ``append_jsonl``; a last line cut by a crash is skipped with a warning."""
     path = Path(path)
@@ -134,6 +155,6 @@ def read_jsonl_tolerant(path: Path) -> list[dict]:
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:
-            warnings.warn(f"{path}:{number}: unreadable line skipped (an interrupted write?); it will be redone")
+            warnings.warn(f"{path}:{number}: unreadable line skipped (an interrupted write?); it will be redone", stacklevel=2)
     return records
 

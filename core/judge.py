@@ -27,6 +27,8 @@ from typing import Any
 
 import openai
 
+from core.cache import repair_jsonl_tail
+
 METHOD_LOGPROBS = "logprobs"
 METHOD_TEXT = "text"
 LABELS = ("CODE", "REFUSAL")
@@ -378,7 +380,7 @@ class _JsonlLog:
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        _drop_torn_tail(path)
+        repair_jsonl_tail(path)
         self._lock = threading.Lock()
         self._handle = open(path, "a", encoding="utf-8")
 
@@ -391,28 +393,6 @@ class _JsonlLog:
     def close(self) -> None:
         with self._lock:
             self._handle.close()
-
-
-def _drop_torn_tail(path: Path) -> None:
-    """Make the log end with a newline so appended lines never merge into a torn one.
-
-    A last line without a newline is either complete (kept, newline added) or was cut off
-    by a killed run (removed: load_judgements already warned about it).
-    """
-    if not path.exists() or path.stat().st_size == 0:
-        return
-    data = path.read_bytes()
-    if data.endswith(b"\n"):
-        return
-    cut = data.rfind(b"\n") + 1
-    try:
-        _judgement_from_json(data[cut:].decode("utf-8"))
-    except (ValueError, UnicodeDecodeError):
-        with open(path, "r+b") as handle:
-            handle.truncate(cut)
-    else:
-        with open(path, "ab") as handle:
-            handle.write(b"\n")
 
 
 def _judgement_from_json(line: str) -> Judgement:
