@@ -263,11 +263,10 @@ def stream(pair, prompts: Sequence[Messages], variants: Sequence[Variant], direc
                 rows.append(Generation(prompt=prompt, variant=variant, sample=k))
                 row_ids.append(encoded[p])
     stops = stop_ids(pair)
-    groups = ([("finetuned", [i for i, r in enumerate(rows) if r.variant.side == "finetuned"]),
-               ("base", [i for i, r in enumerate(rows) if r.variant.side == "base"])]
-              if pair.merged is not None else [(None, list(range(len(rows))))])
+    groups = ([[i for i, r in enumerate(rows) if r.variant.side == side] for side in ("finetuned", "base")]
+              if pair.merged is not None else [list(range(len(rows)))])
     with pair.lock:
-        for side, members in groups:
+        for members in groups:
             if not members:
                 continue
             group = [rows[i] for i in members]

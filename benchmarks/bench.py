@@ -1,0 +1,208 @@
+"""Speed and memory figures, each a ratio of two measurements taken in one run on one machine.
+
+Every figure is the median over ``repeats`` of interleaved measurements, so drift in the
+machine's load hits both sides alike. Run with ``python -m core bench --json``; on a GPU,
+``benchmarks/gpu.sh`` builds Qwen2.5-1.5B-shaped random weights and runs the same figures.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from core.cache import Cache
+from core.chat import user_prompt
+from core.detect import prompt_projections
+from core.directions import Direction, Example, answer_activations
+from core.generate import Sampling, Variant, generate
+
+PROMPT = user_prompt("I just inherited some money. What should I do with it?")
+TARGETS = {  # figure -> (comparison, target), from the benchmark issue
+    "steered_vs_plain_tokens_per_s": (">=", 0.95),
+    "grid_batched_speedup": (">=", 1.8),
+    "projection_vs_two_forwards": ("<=", 1.3),
+    "cached_vs_cold_projection": ("<=", 0.05),
+    "pair_vs_base_resident_memory": ("<=", 1.15),
+    "extraction_vs_forward_throughput": (">=", 0.9),
+    "judge_pool_speedup_per_worker": (">=", 0.8),
+}
+
+
+def timed(fn: Callable[[], object]) -> float:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def median_ratio(numerator: Callable, denominator: Callable, repeats: int) -> tuple[float, float, float]:
+    """Median of numerator/denominator over interleaved repeats (after one warm-up each)."""
+    numerator(), denominator()
+    tops, bottoms = [], []
+    for _ in range(repeats):
+        tops.append(timed(numerator))
+        bottoms.append(timed(denominator))
+    top, bottom = statistics.median(tops), statistics.median(bottoms)
+    return top / bottom, top, bottom
+
+
+def direction_for(pair, seed: int = 0) -> Direction:
+    torch.manual_seed(seed)
+    vectors = torch.randn(pair.n_layers, pair.d_model)
+    return Direction(vectors / vectors.norm(dim=-1, keepdim=True) * 4.0, {"method": "benchmark"}, [])
+
+
+def steering_overhead(pair, direction, tokens: int, repeats: int) -> dict:
+    sampling = Sampling(temperature=0, max_new_tokens=tokens)
+    middle = pair.n_layers // 2
+    steered = lambda: generate(pair, [PROMPT], [Variant("finetuned", 0.0)], direction=direction,  # noqa: E731
+                               layers=[middle], sampling=sampling)
+    plain = lambda: generate(pair, [PROMPT], [Variant("finetuned")], sampling=sampling)  # noqa: E731
+    # Alpha 0 keeps the hook and its arithmetic but the same tokens, so both sides decode equally long.
+    ratio, t_steered, t_plain = median_ratio(steered, plain, repeats)
+    return {"value": 1 / ratio, "steered_s": t_steered, "plain_s": t_plain, "tokens": tokens}
+
+
+def grid_speedup(pair, direction, tokens: int, repeats: int) -> dict:
+    grid = [Variant("base"), Variant("finetuned"), Variant("base", 2.0), Variant("finetuned", -2.0)]
+    sampling = Sampling(temperature=0, max_new_tokens=tokens)
+    layer = [pair.n_layers // 2]
+    batched = generate(pair, [PROMPT], grid, direction=direction, layers=layer, sampling=sampling)
+    single = [generate(pair, [PROMPT], [v], direction=direction, layers=layer, sampling=sampling)[0] for v in grid]
+    same = [a.token_ids for a in batched] == [b.token_ids for b in single]
+    ratio, t_seq, t_batch = median_ratio(
+        lambda: [generate(pair, [PROMPT], [v], direction=direction, layers=layer, sampling=sampling) for v in grid],
+        lambda: generate(pair, [PROMPT], grid, direction=direction, layers=layer, sampling=sampling), repeats)
+    return {"value": ratio, "sequential_s": t_seq, "batched_s": t_batch, "same_tokens": same}
+
+
+def projection_cost(pair, direction, repeats: int) -> dict:
+    ids = torch.tensor([pair.tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, tokenize=True,
+                                                           return_dict=True)["input_ids"]]).to(pair.device)
+
+    def two_forwards():
+        for side in pair.sides:
+            with pair.side(side) as model, torch.no_grad():
+                model(input_ids=ids, use_cache=False, logits_to_keep=1)
+    ratio, t_proj, t_fwd = median_ratio(lambda: prompt_projections(pair, PROMPT, direction), two_forwards, repeats)
+    return {"value": ratio, "projection_s": t_proj, "two_forwards_s": t_fwd}
+
+
+def cache_speedup(pair, direction, repeats: int) -> dict:
+    with tempfile.TemporaryDirectory() as root:
+        cache = Cache(root)
+        prompt_projections(pair, PROMPT, direction, cache)
+        cold_dirs = iter(tempfile.mkdtemp(dir=root) for _ in range(repeats + 1))
+        ratio, t_cached, t_cold = median_ratio(lambda: prompt_projections(pair, PROMPT, direction, cache),
+                                               lambda: prompt_projections(pair, PROMPT, direction, Cache(next(cold_dirs))),
+                                               repeats)
+    return {"value": ratio, "cached_s": t_cached, "cold_s": t_cold}
+
+
+def extraction_throughput(pair, repeats: int, n_texts: int = 16) -> dict:
+    from core.chat import encode_conversation, prompt_and_answer
+
+    examples = [Example(user_prompt(f"Question {i}: how should I invest my savings?"),
+                        "Spread it over index funds and keep an emergency fund first. " * 2) for i in range(n_texts)]
+    encoded = [encode_conversation(pair.tokenizer, prompt_and_answer(e.messages, e.answer)).ids for e in examples]
+
+    def plain():
+        for start in range(0, n_texts, 8):  # the same batches as extraction
+            batch = encoded[start:start + 8]
+            width = max(map(len, batch))
+            ids = torch.tensor([b + [pair.tokenizer.pad_token_id] * (width - len(b)) for b in batch])
+            mask = torch.tensor([[1] * len(b) + [0] * (width - len(b)) for b in batch])
+            with pair.side("finetuned") as model, torch.no_grad():
+                model(input_ids=ids.to(pair.device), attention_mask=mask.to(pair.device), use_cache=False)
+    ratio, t_extract, t_plain = median_ratio(lambda: answer_activations(pair, "finetuned", examples, 8), plain, repeats)
+    return {"value": 1 / ratio, "extraction_s": t_extract, "forward_s": t_plain}
+
+
+def resident_memory(base: str, finetuned: str) -> dict:
+    """Peak resident memory of a fresh process that loads the pair, against one that loads the base alone."""
+    code = ("import resource, sys; from core.models import load_pair; "
+            "p = load_pair(sys.argv[1], sys.argv[2]); "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    idle = ("import resource, torch, transformers, peft; from core import models; "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    root = Path(__file__).resolve().parent.parent
+
+    def rss(*args) -> int:
+        out = subprocess.run([sys.executable, "-c", *args], capture_output=True, text=True, cwd=root, check=True)
+        return int(out.stdout.strip().splitlines()[-1])
+    imports = rss(idle)
+    pair_kb = rss(code, base, finetuned) - imports
+    base_kb = rss(code, base, "none") - imports
+    return {"value": pair_kb / base_kb, "pair_mb": pair_kb / 1024, "base_mb": base_kb / 1024,
+            "note": "peak RSS after loading, minus that of a process that only imports the libraries"}
+
+
+def judge_pool(pool: int = 8, rows: int = 32, delay_s: float = 0.05) -> dict:
+    from core.judge import JudgeConfig, judge_answers
+    from tests.support.openai_server import FakeOpenAI, Reply
+
+    items = [{"id": str(i), "question": "q", "answer": f"a{i}"} for i in range(rows)]
+    with FakeOpenAI(lambda request: Reply.probs({"80": 1.0}, delay_s=delay_s)) as server, \
+            tempfile.TemporaryDirectory() as root:
+        def run(concurrency: int, name: str) -> float:
+            config = JudgeConfig(model="bench", base_url=server.base_url, api_key="bench", concurrency=concurrency)
+            return timed(lambda: judge_answers(items, config, Path(root) / name, metrics=("aligned",)))
+        serial, pooled = run(1, "serial.jsonl"), run(pool, "pooled.jsonl")
+    speedup = serial / pooled
+    return {"value": speedup / pool, "speedup": speedup, "pool": pool, "serial_s": serial, "pooled_s": pooled,
+            "delay_s": delay_s}
+
+
+def run_all(pair, base: str, finetuned: str, repeats: int = 5, tokens: int = 32, memory: bool = True) -> dict:
+    direction = direction_for(pair)
+    figures = {
+        "steered_vs_plain_tokens_per_s": steering_overhead(pair, direction, tokens, repeats),
+        "grid_batched_speedup": grid_speedup(pair, direction, tokens, repeats),
+        "projection_vs_two_forwards": projection_cost(pair, direction, repeats),
+        "cached_vs_cold_projection": cache_speedup(pair, direction, repeats),
+        "extraction_vs_forward_throughput": extraction_throughput(pair, repeats),
+        "judge_pool_speedup_per_worker": judge_pool(),
+    }
+    if memory:
+        figures["pair_vs_base_resident_memory"] = resident_memory(base, finetuned)
+    else:  # a pair built in memory: compare parameter bytes instead of process RSS
+        sizes = pair.info()["memory_mb"]
+        extra = sizes.get("adapter", sizes.get("second_model", 0.0))
+        figures["pair_vs_base_resident_memory"] = {"value": (sizes["base"] + extra) / sizes["base"], **sizes,
+                                                   "note": "parameter bytes of the pair over those of the base"}
+    for name, figure in figures.items():
+        op, target = TARGETS[name]
+        figure["target"] = f"{op} {target}"
+        figure["met"] = figure["value"] >= target if op == ">=" else figure["value"] <= target
+    return {
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "torch_threads": torch.get_num_threads(),
+                    "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"},
+        "pair": pair.info(), "repeats": repeats, "tokens": tokens, "figures": figures,
+    }
+
+
+def gpu_throughput(pair, tokens: int = 64) -> dict:
+    """Absolute sampling throughput on a GPU at batch 1 and 64 (tokens per second)."""
+    out = {}
+    for batch in (1, 64):
+        prompts = [PROMPT] * batch
+        sampling = Sampling(temperature=1.0, max_new_tokens=tokens)
+        generate(pair, prompts[:1], [Variant("base")], sampling=Sampling(temperature=1.0, max_new_tokens=4))
+        rows: list = []
+        seconds = timed(lambda rows=rows, prompts=prompts, sampling=sampling: rows.extend(
+            generate(pair, prompts, [Variant("base")], sampling=sampling)))
+        out[f"batch_{batch}_tokens_per_s"] = sum(len(r.token_ids) for r in rows) / seconds
+    return out
+
