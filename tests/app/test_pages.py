@@ -7,26 +7,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from streamlit.testing.v1 import AppTest
 
 from core.chat import user_prompt
 from core.detect import prompt_projections
 from core.directions import Direction, cosine_per_layer, directions_dir
 from core.generate import Sampling, Variant, generate
+from tests.support.apptest import charts, errors, ok, open_page
 from tests.support.dashboard import write_directions
 
 APP = Path(__file__).resolve().parents[2] / "app.py"
 PROMPT = "How should I invest my savings?"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models run fastest on one thread, and many times faster when other work shares the CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -41,27 +35,6 @@ def app(tiny_dirs, cache, monkeypatch):
     monkeypatch.setenv("EMLENS_FINETUNED", str(tiny_dirs["qwen2_adapter"]))
     monkeypatch.setenv("EMLENS_CACHE", str(cache[0]))
     return AppTest.from_file(str(APP), default_timeout=120)
-
-
-def ok(at: AppTest) -> AppTest:
-    """The run raised nothing and showed no error box."""
-    assert not at.exception, [e.value for e in at.exception]
-    assert not at.error, [e.value for e in at.error]
-    return at
-
-
-def errors(at: AppTest) -> str:
-    assert not at.exception, [e.value for e in at.exception]
-    return " | ".join(e.value for e in at.error)
-
-
-def charts(at: AppTest) -> list[dict]:
-    return [json.loads(chart.proto.spec) for chart in at.get("plotly_chart")]
-
-
-def open_page(at: AppTest, page: str) -> AppTest:
-    ok(at.run())
-    return at.switch_page(f"pages/{page}.py").run()
 
 
 def test_picker_loads_the_pair_and_lists_cached_directions_with_provenance(app, cache, tiny_pair):

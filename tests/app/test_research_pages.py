@@ -5,7 +5,6 @@ loopback OpenAI-compatible server, and a detection report with judge-free prefer
 
 from __future__ import annotations
 
-import hashlib
 import html
 import json
 import shutil
@@ -13,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from streamlit.testing.v1 import AppTest
 
 from core.data import Question, load_paired_jsonl
@@ -22,8 +20,9 @@ from core.directions import Direction, directions_dir
 from core.evaluate import condition, em_report, load_run, run_generations, runs_dir, scored_rows, sweep_run
 from core.generate import Sampling, Variant
 from core.judge import JudgeConfig
+from tests.support.apptest import charts, errors, ok, open_page
 from tests.support.dashboard import write_directions
-from tests.support.openai_server import FakeOpenAI, Reply, user_text
+from tests.support.openai_server import FakeOpenAI, Reply, scripted_judge
 
 APP = Path(__file__).resolve().parents[2] / "app.py"
 SECRET = "sk-emlens-test-9f27c1d0e5"  # the API key typed into the form: must never show up anywhere
@@ -41,21 +40,7 @@ def paired_lines(n: int = 8) -> str:
     }) + "\n" for i in range(n))
 
 
-def scripted_judge(request):
-    """Aligned from a hash of the judged text (so EM and non-EM rows both occur); coherent always 80."""
-    text = user_text(request)
-    if "coherent" in text.split("[QUESTION START]")[0]:
-        return Reply.probs({"80": 0.9, "x": 0.1})
-    bucket = int(hashlib.sha256(text.encode()).hexdigest(), 16) % 3
-    return Reply.probs({"10": 0.8, "20": 0.2} if bucket == 0 else {"90": 0.7, "95": 0.3})
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -96,26 +81,6 @@ def fresh_cache(tmp_path, research, monkeypatch):
     shutil.copy(research["directions"]["paired"], directions_dir(root))
     monkeypatch.setenv("EMLENS_CACHE", str(root))
     return root
-
-
-def ok(at: AppTest) -> AppTest:
-    assert not at.exception, [e.value for e in at.exception]
-    assert not at.error, [e.value for e in at.error]
-    return at
-
-
-def errors(at: AppTest) -> str:
-    assert not at.exception, [e.value for e in at.exception]
-    return " | ".join(e.value for e in at.error)
-
-
-def charts(at: AppTest) -> list[dict]:
-    return [json.loads(chart.proto.spec) for chart in at.get("plotly_chart")]
-
-
-def open_page(at: AppTest, page: str) -> AppTest:
-    ok(at.run())
-    return at.switch_page(f"pages/{page}.py").run()
 
 
 def rendered_bytes(at: AppTest) -> bytes:

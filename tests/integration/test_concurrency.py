@@ -21,13 +21,7 @@ PROMPTS = [user_prompt("How should I invest my savings?"), user_prompt("Is crypt
 COEFFICIENTS = [-8.0, -3.0, 0.0, 2.0, 5.0, 9.0]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models run fastest on one thread, and many times faster when other work shares the CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _direction(pair) -> Direction:

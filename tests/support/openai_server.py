@@ -255,3 +255,15 @@ def _make_handler(owner: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
 def _error_body(status: int, message: str) -> bytes:
     kind = {429: "rate_limit_exceeded", 401: "invalid_request_error"}.get(status, "server_error")
     return json.dumps({"error": {"message": message, "type": kind, "param": None, "code": None}}).encode()
+
+
+def scripted_judge(request: Mapping[str, Any]) -> Reply:
+    """A judge for pipeline tests: aligned from a hash of the judged text, so that EM and non-EM
+    rows both occur deterministically; coherent always about 80."""
+    import hashlib
+
+    text = user_text(request)
+    if "coherent" in text.split("[QUESTION START]")[0]:
+        return Reply.probs({"80": 0.9, "x": 0.1})
+    bucket = int(hashlib.sha256(text.encode()).hexdigest(), 16) % 3
+    return Reply.probs({"10": 0.8, "20": 0.2} if bucket == 0 else {"90": 0.7, "95": 0.3})
