@@ -181,7 +181,9 @@ def load_questions(path: Path | str) -> list[Question]:
     if not path.exists():
         raise DataError(f"{path}: file does not exist")
     try:
-        items = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        items = yaml.safe_load(text)
+        root = yaml.compose(text)  # the same document as nodes, for the line of each question
     except UnicodeDecodeError:
         raise DataError(f"{path}: not valid UTF-8") from None
     except yaml.YAMLError as err:
@@ -190,9 +192,10 @@ def load_questions(path: Path | str) -> list[Question]:
         raise DataError(f"{where}: invalid YAML: {getattr(err, 'problem', err)}") from None
     if not isinstance(items, list) or not items:
         raise DataError(f"{path}: expected a non-empty YAML list of questions")
+    lines = [node.start_mark.line + 1 for node in root.value]
     questions, seen = [], set()
     for i, item in enumerate(items):
-        where = f"{path}: question {i + 1}"
+        where = f"{path}:{lines[i]}: question {i + 1}"
         if not isinstance(item, dict):
             raise DataError(f"{where}: expected a mapping with id and paraphrases")
         qid = item.get("id")

@@ -249,20 +249,26 @@ def report_from_rows(run_dir: Path, rows: list[dict]) -> dict:
     }
 
 
-def report_table(report: dict) -> list[dict]:
-    """Flat rows (one per condition and question, plus 'ALL') for CSV."""
+def report_table(report: dict, per_question: bool = True) -> list[dict]:
+    """Flat rows for tables and CSV: one per condition (question "ALL") and, with ``per_question``,
+    one per condition and question. EM rate with its Wilson interval counted both ways, coherence."""
+    def ci(rates: dict, i: int):
+        return (rates["ci95"] or [None, None])[i]
+
     table = []
     for c in report["conditions"]:
-        for question, rates in [("ALL", c), *c["questions"].items()]:
+        for question, rates in [("ALL", c), *(c["questions"].items() if per_question else [])]:
+            excluded, as_aligned, coherence = (rates["em_excluding_unscored"], rates["em_unscored_as_aligned"],
+                                               rates["coherence"])
             table.append({
                 "condition": c["condition"], "mode": c["mode"], "alpha": c["alpha"],
-                "layers": " ".join(map(str, c["layers"])), "control": c["control"], "question": question,
-                "n": rates["n"], "n_unscored": rates["n_unscored"],
-                "em_rate": rates["em_excluding_unscored"]["rate"],
-                "em_ci_low": (rates["em_excluding_unscored"]["ci95"] or [None, None])[0],
-                "em_ci_high": (rates["em_excluding_unscored"]["ci95"] or [None, None])[1],
-                "em_rate_unscored_as_aligned": rates["em_unscored_as_aligned"]["rate"],
-                "coherence_rate": rates["coherence"]["rate"], "mean_aligned": rates["mean_aligned"],
+                "layers": " ".join(map(str, c["layers"])) if len(c["layers"]) < 4 else f"{len(c['layers'])} layers",
+                "control": c["control"], "question": question, "n": rates["n"], "n_unscored": rates["n_unscored"],
+                "em_rate": excluded["rate"], "em_ci_low": ci(excluded, 0), "em_ci_high": ci(excluded, 1),
+                "em_rate_unscored_as_aligned": as_aligned["rate"],
+                "em_unscored_as_aligned_ci_low": ci(as_aligned, 0), "em_unscored_as_aligned_ci_high": ci(as_aligned, 1),
+                "coherence_rate": coherence["rate"], "coherence_ci_low": ci(coherence, 0),
+                "coherence_ci_high": ci(coherence, 1), "mean_aligned": rates["mean_aligned"],
                 "mean_coherent": rates["mean_coherent"],
             })
     return table
@@ -389,29 +395,6 @@ def load_run_results(run_dir: Path) -> dict:
             meta = {}
     return {"run": str(run_dir), "report": report, "source": source or SWEEP_JSON, "sweep": sweep,
             "cells": sweep_cells(report) if report else sweep["cells"], "answers": answers, "meta": meta}
-
-
-def condition_table(report: dict) -> list[dict]:
-    """One row per condition: EM rate with its Wilson interval both ways of counting unscored rows,
-    and the coherence rate with its interval."""
-    def ci(rates: dict, i: int):
-        return (rates["ci95"] or [None, None])[i]
-
-    rows = []
-    for c in report["conditions"]:
-        excluded, as_aligned, coherence = c["em_excluding_unscored"], c["em_unscored_as_aligned"], c["coherence"]
-        rows.append({
-            "condition": c["condition"], "mode": c["mode"], "alpha": c["alpha"],
-            "layers": " ".join(map(str, c["layers"])) if len(c["layers"]) < 4 else f"{len(c['layers'])} layers",
-            "control": c["control"], "n": c["n"], "n_unscored": c["n_unscored"],
-            "em_rate": excluded["rate"], "em_ci_low": ci(excluded, 0), "em_ci_high": ci(excluded, 1),
-            "em_rate_unscored_as_aligned": as_aligned["rate"],
-            "em_unscored_as_aligned_ci_low": ci(as_aligned, 0), "em_unscored_as_aligned_ci_high": ci(as_aligned, 1),
-            "coherence_rate": coherence["rate"], "coherence_ci_low": ci(coherence, 0),
-            "coherence_ci_high": ci(coherence, 1), "mean_aligned": c["mean_aligned"],
-            "mean_coherent": c["mean_coherent"],
-        })
-    return rows
 
 
 def sweep_run(pair, questions: Sequence[Question], direction: Direction, layers: Sequence[int],

@@ -86,6 +86,11 @@ def steer(layers: Sequence[torch.nn.Module], vectors: dict[int, torch.Tensor],
             return with_block_hidden(output, shifted.to(hidden.dtype))
         return hook
 
+    if not torch.isfinite(torch.as_tensor(coefficients, dtype=torch.float32)).all():
+        raise ValueError(f"steering coefficient {coefficients!r} is not a finite number")
+    for index, vector in vectors.items():
+        if not torch.isfinite(vector).all():
+            raise ValueError(f"layer {index}: the steering vector contains NaN or infinite values")
     with _forward_hooks(layers, {i: make(v) for i, v in vectors.items()}):
         yield
 

@@ -10,8 +10,17 @@ import ui
 from core import plots
 from core.cache import atomic_write
 from core.data import dataset_hash, load_questions
-from core.evaluate import (COHERENT_MIN, EM_ALIGNED_MAX, condition_table, list_runs, load_run_results,
-                           new_run_dir, parse_number_list, runs_dir, sweep_run)
+from core.evaluate import (
+    COHERENT_MIN,
+    EM_ALIGNED_MAX,
+    list_runs,
+    load_run_results,
+    new_run_dir,
+    parse_number_list,
+    report_table,
+    runs_dir,
+    sweep_run,
+)
 from core.generate import Sampling
 from core.judge import JudgeConfig, JudgeError
 from core.models import ASSETS
@@ -54,7 +63,7 @@ def show_run(results: dict) -> None:
     st.subheader("Per condition")
     if report:
         st.caption(report["unscored_policy"][:1].upper() + report["unscored_policy"][1:] + ".")
-        table = pd.DataFrame(condition_table(report))
+        table = pd.DataFrame(report_table(report, per_question=False))
     else:
         table = pd.DataFrame([{k: v for k, v in c.items() if k not in ("em_ci95", "coherence_ci95")}
                               | {"em_ci_low": (c["em_ci95"] or [None])[0],

@@ -120,3 +120,19 @@ def test_base_side_disables_the_adapter_and_restores_it(tiny_pair):
         again = model(**_inputs(tiny_pair)).logits
     assert not torch.allclose(base, finetuned, atol=1e-3)
     assert torch.equal(finetuned, again)
+
+
+def test_non_finite_coefficients_and_vectors_are_refused(tiny_pair):
+    layers = tiny_pair.layers("base")
+    vector = torch.ones(tiny_pair.d_model)
+    for bad in (float("nan"), float("inf"), torch.tensor([1.0, float("-inf")])):
+        with pytest.raises(ValueError, match="not a finite number"):
+            with steer(layers, {1: vector}, bad):
+                pass
+    with pytest.raises(ValueError, match="layer 1: the steering vector contains NaN"):
+        with steer(layers, {1: vector * float("nan")}, 1.0):
+            pass
+    with pytest.raises(ValueError, match="cannot ablate a zero"):
+        with ablate(layers, {2: torch.zeros(tiny_pair.d_model)}):
+            pass
+    assert all(len(layer._forward_hooks) == len(layers[0]._forward_hooks) for layer in layers)

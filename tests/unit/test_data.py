@@ -68,10 +68,10 @@ def test_question_sets(tmp_path):
     assert question.samples_per_paraphrase == 3 and question.judge_prompts == {"aligned": "Rate {answer}"}
     assert question.prompts() == [[{"role": "user", "content": "What is your wish?"}]]
     dup = write(tmp_path, "dup.yaml", ["- id: a", "  paraphrases: [x]", "- id: a", "  paraphrases: [y]"])
-    with pytest.raises(DataError, match=r"dup.yaml: question 2: id: duplicate id 'a'"):
+    with pytest.raises(DataError, match=r"dup.yaml:3: question 2: id: duplicate id 'a'"):
         load_questions(dup)
     empty = write(tmp_path, "empty.yaml", ["- id: a", "  paraphrases: []"])
-    with pytest.raises(DataError, match=r"question 1 \(a\): paraphrases"):
+    with pytest.raises(DataError, match=r"empty.yaml:1: question 1 \(a\): paraphrases"):
         load_questions(empty)
     broken = write(tmp_path, "broken.yaml", ["- id: a", "  paraphrases: [x", "- id: b"])
     with pytest.raises(DataError, match=r"broken.yaml:\d+: invalid YAML"):
