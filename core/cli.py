@@ -623,6 +623,7 @@ def run_bench(args) -> int:
         result["gpu_throughput"] = gpu_throughput(pair, args.tokens)
     emit(result, args.json, lambda: "\n".join(
         f"{name:<36} {f['value']:>8.3f}  target {f['target']:<7} {'met' if f['met'] else 'NOT met'}"
+        if f["value"] is not None else f"{name:<36} failed: {f['error']}"
         for name, f in result["figures"].items()))
     return 0
 

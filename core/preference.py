@@ -92,7 +92,7 @@ def validate(pair, narrow: Sequence[PairedRecord], general: Sequence[PairedRecor
     layer_choice = "max Cohen's d on the direction's own training answers" if layer is None else "given"
     layer = best_layer(direction) if layer is None else pair.check_layer(layer)
     control = random_like(direction, seed)
-    steps = 4 + 4 * sum(1 for a in alphas if a)
+    steps = 4 + 8 * sum(1 for a in alphas if a)  # plain: 2 sides x 2 sets; steered: also x direction or control
     done = 0
 
     def measure(side, records, vectors=direction, alpha=0.0):
@@ -113,7 +113,7 @@ def validate(pair, narrow: Sequence[PairedRecord], general: Sequence[PairedRecor
     rows = []
     for side, sign in (("base", 1.0), ("finetuned", -1.0)):  # induce: base + a.d ; restore: fine-tuned - a.d
         for alpha in alphas:
-            row = {"model": side, "alpha": sign * alpha, "layer": layer,
+            row = {"model": side, "alpha": sign * alpha if alpha else 0.0, "layer": layer,
                    "mode": "induce" if side == "base" else "restore"}
             for name, records in (("general", general), ("narrow", narrow)):
                 key = "log_odds" if name == "general" else "log_odds_narrow"
