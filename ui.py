@@ -194,6 +194,14 @@ def token_pieces(pair: ModelPair, token_ids: list[int]) -> list[str]:
     return [pair.tokenizer.decode([t], skip_special_tokens=True) for t in token_ids]
 
 
+def job_caption(what: str) -> None:
+    """Say which pair and direction a job on this page will run on, then what it does."""
+    spec = pair_spec()
+    chosen = st.session_state.get("direction_path")
+    st.caption(f"Pair **{spec['base']} → {spec['finetuned']}**, direction "
+               f"**{Path(chosen).stem if chosen else 'the newest cached one that fits'}**. {what}")
+
+
 def progress_callback(bar, what: str, start: float = 0.0, end: float = 1.0):
     """A core progress callback ``(done, total)`` that moves ``bar`` (an ``st.progress``) from start to end."""
     def update(done: int, total: int) -> None:

@@ -146,12 +146,8 @@ else:
 
 st.subheader("Run a small detection job")
 with st.expander("Judge-free labels from a paired file, on the current pair and direction", expanded=not paths):
-    spec = ui.pair_spec()
-    chosen_direction = st.session_state.get("direction_path")
-    st.caption(f"Pair **{spec['base']} → {spec['finetuned']}**, direction "
-               f"**{Path(chosen_direction).stem if chosen_direction else 'the newest cached one that fits'}**. "
-               "Each prompt is labelled misaligned when the fine-tune prefers its harmful answer (per-token "
-               "log-odds > 0; the median when that leaves one class empty).")
+    ui.job_caption("Each prompt is labelled misaligned when the fine-tune prefers its harmful answer (per-token "
+                   "log-odds > 0; the median when that leaves one class empty).")
     data = st.text_input("Paired JSONL", str(ASSETS / "data" / "general_paired.jsonl"), key="detect_data")
     left, middle, right = st.columns(3)
     n_boot = left.number_input("Bootstrap resamples", 50, 10000, 1000, 50, key="detect_bootstrap")

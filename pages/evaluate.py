@@ -175,12 +175,8 @@ else:
 
 st.subheader("Run a small sweep")
 with st.expander("Generate, judge and report on the current pair and direction", expanded=not runs):
-    spec = ui.pair_spec()
-    chosen_direction = st.session_state.get("direction_path")
-    st.caption(f"Pair **{spec['base']} → {spec['finetuned']}**, direction "
-               f"**{Path(chosen_direction).stem if chosen_direction else 'the newest cached one that fits'}**. "
-               "Every cell (induce, restore, ablate at each layer and at all layers, random control, the unsteered "
-               "pair) samples each paraphrase at temperature 1, then the judge scores aligned and coherent.")
+    ui.job_caption("Every cell (induce, restore, ablate at each layer and at all layers, random control, the unsteered "
+                   "pair) samples each paraphrase at temperature 1, then the judge scores aligned and coherent.")
     with st.form("evaluate_job"):
         left, right = st.columns(2)
         judge_model = left.text_input("Judge model", key="evaluate_judge_model", placeholder="gpt-4o-2024-08-06")
