@@ -133,13 +133,14 @@ def detection_report(pair, prompts: Sequence[dict], direction: Direction, heldou
     }
     fpr, tpr, _ = roc_curve(projection[report_idx, layer], y)
     calibrated = direction.calibrate(projection)
+    reported = set(report_idx.tolist())
     table = []
     for i, p in enumerate(prompts):
         table.append({"id": p["id"], "prompt": p["messages"][-1]["content"], "label": bool(labels[i]),
                       "score": None if continuous is None else float(continuous[i]),
                       "risk": float(projection[i, layer]),
                       "risk_calibrated": None if calibrated is None else float(calibrated[i, layer]),
-                      "split": "report" if i in set(report_idx.tolist()) else "selection",
+                      "split": "report" if i in reported else "selection",
                       "answers": p.get("answers", [])})
     table.sort(key=lambda r: r["risk"], reverse=True)
     return {

@@ -103,9 +103,9 @@ def run_generations(pair, questions: Sequence[Question], conditions: Sequence[Co
     for c in conditions:  # one batched call per (layers, control): they share the hooks
         groups[(c.layers, c.control)].append(c)
     total = sum(p["samples"] for p in prompts) * len(conditions)
-    done = sum(1 for r in rows if r)
+    done = sum(1 for p in prompts for c in conditions for k in range(p["samples"]) if row_id(p, c.label, k) in rows)
     if progress:
-        progress(min(done, total), total)
+        progress(done, total)
     for (layers, is_control), members in groups.items():
         for start in range(0, len(prompts), prompts_per_batch):
             chunk = prompts[start:start + prompts_per_batch]
@@ -132,7 +132,7 @@ def run_generations(pair, questions: Sequence[Question], conditions: Sequence[Co
                         rows[record["id"]] = record
                         done += 1
                 if progress:
-                    progress(min(done, total), total)
+                    progress(done, total)
     return list(rows.values())
 
 

@@ -158,6 +158,7 @@ def _decode(pair, module, side_layers, rows: list[Generation], prompt_ids: list[
             use_cache: bool, stops: set[int]) -> Iterator[None]:
     """The decoding loop for rows that share one module; yields after every step."""
     device = pair.device
+    unit = unit.to(device) if unit is not None else None
     batch = len(rows)
     width = max(len(ids) for ids in prompt_ids)
     pad = pair.tokenizer.pad_token_id
@@ -197,12 +198,12 @@ def _decode(pair, module, side_layers, rows: list[Generation], prompt_ids: list[
             logits, records = forward(step_input, step_positions, with_prompt_capture=(step == 0))
             if step == 0 and unit is not None:
                 projections = torch.stack([
-                    (records[i][0].float() * unit[i].to(device)).sum(-1) for i in range(len(side_layers))
+                    (records[i][0].float() * unit[i]).sum(-1) for i in range(len(side_layers))
                 ], dim=-1).cpu()
                 for r, row in enumerate(rows):
                     row.prompt_projection = projections[r].tolist()
             if trace_layer is not None and unit is not None and step > 0:
-                trace.append(records[trace_layer][0].float() @ unit[trace_layer].to(device))
+                trace.append(records[trace_layer][0].float() @ unit[trace_layer])
             chosen = next_tokens(logits, sampling, uniforms[:, step]).cpu()
             for r, row in enumerate(rows):
                 if not finished[r]:
@@ -222,7 +223,7 @@ def _decode(pair, module, side_layers, rows: list[Generation], prompt_ids: list[
                 break
         if trace_layer is not None and unit is not None:
             _, records = forward(step_input, step_positions, with_prompt_capture=False)
-            trace.append(records[trace_layer][0].float() @ unit[trace_layer].to(device))
+            trace.append(records[trace_layer][0].float() @ unit[trace_layer])
             per_step = torch.stack(trace, dim=-1).cpu()  # [batch, steps]
             for r, row in enumerate(rows):
                 row.token_projections = per_step[r, :len(row.token_ids)].tolist()

@@ -75,14 +75,15 @@ def steer(layers: Sequence[torch.nn.Module], vectors: dict[int, torch.Tensor],
     is a scalar or one value per batch row; the vector follows the layer's device and dtype.
     """
     def make(vector: torch.Tensor):
-        cached: dict = {}
+        on_device: dict = {}  # moved once per device, not at every decoding step
 
         def hook(module, args, output):
             hidden = block_hidden(output)
-            key = (hidden.device, hidden.dtype)
-            if key not in cached:
-                cached[key] = vector.to(device=hidden.device, dtype=torch.float32)
-            shifted = hidden.float() + _per_row(coefficients, hidden) * cached[key]
+            if hidden.device not in on_device:
+                on_device[hidden.device] = (_per_row(coefficients, hidden),
+                                            vector.to(device=hidden.device, dtype=torch.float32))
+            scale, shift = on_device[hidden.device]
+            shifted = hidden.float() + scale * shift
             return with_block_hidden(output, shifted.to(hidden.dtype))
         return hook
 
@@ -104,14 +105,18 @@ def ablate(layers: Sequence[torch.nn.Module], vectors: dict[int, torch.Tensor],
     """
     def make(vector: torch.Tensor):
         unit = vector.float() / vector.float().norm()
+        on_device: dict = {}
 
         def hook(module, args, output):
             hidden = block_hidden(output)
-            u = unit.to(hidden.device)
+            if hidden.device not in on_device:
+                on_device[hidden.device] = (unit.to(hidden.device),
+                                            None if rows is None else _per_row(rows, hidden))
+            u, mask = on_device[hidden.device]
             h = hidden.float()
             component = (h @ u).unsqueeze(-1) * u
-            if rows is not None:
-                component = component * _per_row(rows, hidden)
+            if mask is not None:
+                component = component * mask
             return with_block_hidden(output, (h - component).to(hidden.dtype))
         return hook
 
