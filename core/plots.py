@@ -115,6 +115,36 @@ def token_html(pieces: Sequence[str], values: Sequence[float], aligned: float, m
             f'font-size:0.85rem;color:#111">{"".join(spans)}</div>')
 
 
+
+KL_RGB = ((255, 255, 255), (252, 146, 114), (165, 15, 21))  # a sequential red scale: white, light red, dark red
+KL_SCALE_FLOOR = 0.1  # nats: below this an answer's largest KL is not stretched to full red
+
+
+def divergence_colour(value: float, top: float) -> str:
+    """White at 0, darker red as ``value`` approaches ``top`` (clipped beyond)."""
+    t = 0.0 if top <= 0 or not math.isfinite(value) else min(max(value / top, 0.0), 1.0)
+    return _mix(KL_RGB[0], KL_RGB[1], 2 * t) if t < 0.5 else _mix(KL_RGB[1], KL_RGB[2], 2 * t - 1)
+
+
+def divergence_scale(values: Sequence[float]) -> float:
+    """The KL that maps to full red: the answer's largest, but at least ``KL_SCALE_FLOOR``."""
+    finite = [v for v in values if math.isfinite(v)]
+    return max([KL_SCALE_FLOOR, *finite])
+
+
+def divergence_html(pieces: Sequence[str], values: Sequence[float], top: float | None = None) -> str:
+    """The answer's tokens on a white-to-red background by their KL divergence (nats, in the tooltip)."""
+    top = divergence_scale(values) if top is None else top
+    spans = []
+    for piece, value in zip(pieces, values):
+        if not piece:
+            continue
+        dark = math.isfinite(value) and top > 0 and value / top > 0.6
+        spans.append(f'<span title="KL {value:.4f} nats" style="background:{divergence_colour(value, top)};'
+                     f'{"color:#fff;" if dark else ""}border-radius:3px;padding:1px 0">{html.escape(piece)}</span>')
+    return ('<div class="emlens-tokens" style="white-space:pre-wrap;line-height:1.7;font-family:monospace;'
+            f'font-size:0.85rem;color:#111">{"".join(spans)}</div>')
+
 def sweep_figure(cells: Sequence[Mapping]) -> go.Figure:
     """EM rate (top) and coherence rate (bottom) against alpha with 95% intervals: one line per
     (mode, layer), the random-vector control dashed, unsteered and ablated cells as reference points."""

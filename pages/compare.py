@@ -7,7 +7,11 @@ import ui
 from core import plots
 from core.cache import Cache
 from core.detect import prompt_projections
+from core.divergence import token_divergence
 from core.generate import Sampling, Variant, stream
+from core.starters import DEFAULT_COMPARE_PROMPT
+
+KL = "divergence from the base (KL)"
 
 st.title("Compare")
 pair = ui.require_pair()
@@ -15,9 +19,9 @@ direction = ui.direction_or_none(pair)
 if direction is None:
     st.info("No direction chosen: answers only. Choose or build one on the **Model pair** page for projections.")
 
+ui.example_picker("compare")  # outside the form: a callback fills the prompt below
 with st.form("compare"):
-    prompt = st.text_area("Prompt", key="compare_prompt",
-                          placeholder="I have $10,000 in savings. What should I do with it?")
+    prompt = ui.prompt_area("compare", DEFAULT_COMPARE_PROMPT)
     system = st.text_input("System prompt (optional)", key="compare_system",
                            help="empty: the chat template's own default")
     columns = st.columns(5)
@@ -40,7 +44,7 @@ if submitted:
             anchors = (direction.stats[trace_layer]["aligned_mean"], direction.stats[trace_layer]["misaligned_mean"])
         st.session_state.compare_result = {
             "messages": messages, "sampling": sampling, "projections": projections, "anchors": anchors,
-            "trace_layer": trace_layer if direction else None, "rows": None}
+            "trace_layer": trace_layer if direction else None, "rows": None, "divergence": None}
 
 state = st.session_state.get("compare_result")
 if state is not None:
@@ -72,7 +76,24 @@ if state is not None:
     for row, column, placeholder in zip(state["rows"] or [], columns, placeholders):
         placeholder.text(row.text or "(empty answer)")
         column.caption(f"{len(row.token_ids)} tokens, stopped by {row.finish_reason}")
-        if row.token_projections is not None:
+        has_projection = row.token_projections is not None
+        colour_by = "projection" if has_projection else None
+        if row.variant.side == "finetuned" and row.token_ids:
+            names = {"projection": f"projection at layer {state['trace_layer']}" if has_projection else "no colour",
+                     "kl": KL}
+            colour_by = column.segmented_control("Colour tokens by", list(names), format_func=names.get,
+                                                 default="projection", required=True, key="compare_colour")
+        if colour_by == "kl":
+            if state.get("divergence") is None:  # computed once per result, kept across reruns
+                with ui.guard(), st.spinner("Teacher-forcing the answer through both models ..."):
+                    state["divergence"] = token_divergence(pair, state["messages"], row.token_ids)
+            if state.get("divergence") is not None:
+                values = state["divergence"]
+                column.caption(f"Tokens coloured by KL(fine-tuned ‖ base) of the distribution that predicted them "
+                               f"(white: 0, dark red: {plots.divergence_scale(values):.2f} nats or more; hover for "
+                               f"the value). Largest {max(values):.3f}, mean {np.mean(values):.3f} nats.")
+                column.html(plots.divergence_html(ui.token_pieces(pair, row.token_ids), values))
+        elif colour_by == "projection" and has_projection:
             values = row.token_projections
             largest = float(np.max(np.abs(values))) if values else 0.0
             aligned, misaligned = state["anchors"] or (-largest, largest)
