@@ -125,3 +125,42 @@ def ablate(layers: Sequence[torch.nn.Module], vectors: dict[int, torch.Tensor],
             raise ValueError(f"layer {index}: cannot ablate a zero or non-finite direction")
     with _forward_hooks(layers, {i: make(v) for i, v in vectors.items()}):
         yield
+
+
+@contextmanager
+def fan_out(layers: Sequence[torch.nn.Module], at: int, shifts: Sequence[torch.Tensor | None]) -> Iterator[None]:
+    """Branch one forward pass into ``len(shifts)`` copies at the output of block ``at``.
+
+    Copy k of the batch continues with ``hidden + shifts[k]`` (``None``: unchanged), so variants
+    that differ only in what is added at one layer share everything before it: one pass over
+    blocks ``0..at`` instead of one per variant. The output's batch is copy-major
+    (row ``k * batch + b``). Only for passes without a KV cache and without per-row adapters;
+    the later blocks' batch-shaped arguments (mask, positions, rotary tables) are repeated to match.
+    """
+    copies = len(shifts)
+    if copies < 1:
+        raise ValueError("fan_out needs at least one branch")
+    batch: list[int] = []
+
+    def branch(module, args, output):
+        hidden = block_hidden(output)
+        batch.append(hidden.shape[0])
+        pieces = [hidden if s is None else (hidden.float() + s.to(hidden.device, torch.float32)).to(hidden.dtype)
+                  for s in shifts]
+        return with_block_hidden(output, torch.cat(pieces))
+
+    def repeat(value):
+        if isinstance(value, torch.Tensor) and value.ndim >= 2 and value.shape[0] == batch[-1] > 1:
+            return value.repeat(copies, *([1] * (value.ndim - 1)))
+        if isinstance(value, tuple):
+            return tuple(repeat(v) for v in value)
+        return value
+
+    def widen(module, args, kwargs):
+        return args, {k: repeat(v) for k, v in kwargs.items()}
+
+    with ExitStack() as stack:
+        stack.callback(layers[at].register_forward_hook(branch).remove)
+        for layer in layers[at + 1:]:
+            stack.callback(layer.register_forward_pre_hook(widen, with_kwargs=True).remove)
+        yield

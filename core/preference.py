@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,53 +21,82 @@ import torch
 from core.chat import encode_conversation, prompt_and_answer
 from core.data import PairedRecord
 from core.directions import Direction, Example, random_like
-from core.hooks import steer
+from core.hooks import fan_out
 from core.stats import bootstrap_ci
 
 
 def answer_logprobs(pair, side: str, examples: Sequence[Example], batch_size: int = 16,
                     progress: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Summed log-probability of each answer's tokens given its prompt, and the token counts."""
+    sums, counts = branched_answer_logprobs(pair, side, examples, batch_size=batch_size, progress=progress)
+    return sums[0], counts
+
+
+def branched_answer_logprobs(pair, side: str, examples: Sequence[Example], layer: int | None = None,
+                             shifts: Sequence[torch.Tensor | None] = (None,), batch_size: int = 16,
+                             progress: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Answer log-probabilities under several additions at one layer, in one pass per batch.
+
+    Branch k adds ``shifts[k]`` (``None``: nothing) to block ``layer``'s output at every position;
+    the blocks before ``layer`` run once for all branches (``hooks.fan_out``). Logits are computed
+    at answer positions only. Returns sums ``[branches, examples]`` and token counts ``[examples]``.
+    """
+    if layer is None and any(s is not None for s in shifts):
+        raise ValueError("shifted branches need the layer to add them at")
     encoded = [encode_conversation(pair.tokenizer, prompt_and_answer(e.messages, e.answer)) for e in examples]
-    sums, counts = np.zeros(len(examples)), np.zeros(len(examples), dtype=int)
+    copies = len(shifts)
+    sums, counts = np.zeros((copies, len(examples))), np.zeros(len(examples), dtype=int)
     pad = pair.tokenizer.pad_token_id
+    rows_per_pass = max(1, batch_size // copies)  # the logits of every branch are held at once
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].ids))
-    for start in range(0, len(order), batch_size):
-        rows = order[start:start + batch_size]
+    for start in range(0, len(order), rows_per_pass):
+        rows = order[start:start + rows_per_pass]
         width = max(len(encoded[i].ids) for i in rows)
         ids = torch.full((len(rows), width), pad, dtype=torch.long)
         attention = torch.zeros((len(rows), width), dtype=torch.long)
+        predicts = torch.zeros((len(rows), width), dtype=torch.bool)  # positions whose logits predict answer tokens
         for r, i in enumerate(rows):
-            ids[r, :len(encoded[i].ids)] = torch.tensor(encoded[i].ids)
-            attention[r, :len(encoded[i].ids)] = 1
-        with pair.side(side) as model, torch.no_grad():
-            logits = model(input_ids=ids.to(pair.device), attention_mask=attention.to(pair.device),
-                           use_cache=False).logits.float()
-        logprobs = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None].to(logits.device))[..., 0]
-        for r, i in enumerate(rows):
+            n = len(encoded[i].ids)
+            ids[r, :n], attention[r, :n] = torch.tensor(encoded[i].ids), 1
             a, b = encoded[i].answer_spans[-1]
-            sums[i] = float(logprobs[r, a - 1:b - 1].sum())  # the logit at t-1 predicts token t
+            predicts[r, a - 1:b - 1] = True  # the logit at t-1 predicts token t
             counts[i] = b - a
+        targets = ids.roll(-1, dims=1)[predicts].repeat(copies)
+        owner = predicts.nonzero()[:, 0].repeat(copies) + torch.arange(copies).repeat_interleave(int(predicts.sum())) * len(rows)
+        branching = fan_out(pair.layers(side), layer, shifts) if layer is not None else nullcontext()
+        with pair.side(side) as model, branching, torch.no_grad():
+            logits = model(input_ids=ids.to(pair.device), attention_mask=attention.to(pair.device), use_cache=False,
+                           logits_to_keep=predicts.repeat(copies, 1).to(pair.device)).logits
+        logits = logits.reshape(-1, logits.shape[-1]).float()
+        picked = torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None].to(logits.device))[:, 0].cpu()
+        per_row = torch.zeros(copies * len(rows), dtype=torch.float64).index_add_(0, owner, picked.double())
+        sums[:, rows] = per_row.view(copies, len(rows)).numpy()
         if progress:
-            progress(min(start + batch_size, len(order)), len(order))
+            progress(min(start + rows_per_pass, len(order)), len(order))
     return sums, counts
 
 
 def log_odds(pair, side: str, records: Sequence[PairedRecord], batch_size: int = 16,
              progress: Callable[[int, int], None] | None = None) -> np.ndarray:
     """Per prompt: mean log-prob per token of the harmful answer minus that of the sound answer."""
+    return branched_log_odds(pair, side, records, batch_size=batch_size, progress=progress)[0]
+
+
+def branched_log_odds(pair, side: str, records: Sequence[PairedRecord], layer: int | None = None,
+                      shifts: Sequence[torch.Tensor | None] = (None,), batch_size: int = 16,
+                      progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+    """``log_odds`` under each of ``shifts`` added at ``layer``: ``[branches, prompts]``."""
     examples = [Example(r.messages, r.misaligned) for r in records] + [Example(r.messages, r.aligned) for r in records]
-    sums, counts = answer_logprobs(pair, side, examples, batch_size, progress)
+    sums, counts = branched_answer_logprobs(pair, side, examples, layer, shifts, batch_size, progress)
     per_token = sums / counts
     n = len(records)
-    return per_token[:n] - per_token[n:]
+    return per_token[:, :n] - per_token[:, n:]
 
 
 def steered_log_odds(pair, side: str, records, direction: Direction, layer: int, alpha: float,
                      batch_size: int = 16) -> np.ndarray:
-    hook = steer(pair.layers(side), {layer: direction.vectors[layer]}, alpha) if alpha else nullcontext()
-    with pair.lock, hook:
-        return log_odds(pair, side, records, batch_size)
+    shift = alpha * direction.vectors[layer] if alpha else None
+    return branched_log_odds(pair, side, records, layer, [shift], batch_size)[0]
 
 
 def summary(values: np.ndarray, seed: int = 0) -> dict:
@@ -75,59 +105,89 @@ def summary(values: np.ndarray, seed: int = 0) -> dict:
 
 
 def best_layer(direction: Direction) -> int:
-    """The layer where the direction best separates its own training answers (Cohen's d).
+    """The layer where the direction best separates held-out answers of its own extraction data
+    (cross-fitted Cohen's d: the in-sample figure rewards fitting noise).
 
     Chosen from the extraction data, never from the validation sets it is then tested on."""
-    scores = [s.get("cohens_d") or 0.0 for s in direction.stats]
     if not direction.stats:
         raise ValueError("the direction carries no per-layer statistics to choose a layer from")
-    return int(np.argmax(scores))
+    if "cohens_d_insample" not in direction.stats[0]:
+        raise ValueError("the direction's statistics are in-sample only (written by an older EM Lens): "
+                         "extract it again to choose a layer, or pass one")
+    scores = [s["cohens_d"] for s in direction.stats]
+    if all(d is None for d in scores):
+        raise ValueError("the direction's extraction sets are too small to cross-fit its statistics "
+                         "(need two groups of each set): pass a layer")
+    return int(np.nanargmax([np.nan if d is None else d for d in scores]))
 
 
 def validate(pair, narrow: Sequence[PairedRecord], general: Sequence[PairedRecord], direction: Direction,
              layer: int | None = None, alphas: Sequence[float] = (0, 1, 2, 4), seed: int = 0,
-             batch_size: int = 16, progress: Callable[[int, int], None] | None = None) -> dict:
-    """Preference log-odds of both sides on both sets, and the bidirectional steering test."""
+             batch_size: int = 16, control: str | Path | None = None,
+             progress: Callable[[int, int], None] | None = None) -> dict:
+    """Preference log-odds of base, fine-tune (and a control adapter) on both sets, and the
+    bidirectional steering test against a norm-matched random vector.
+
+    Every steered row of one side and set comes from one branched pass (``hooks.fan_out``): the
+    blocks before the steering layer run once for the plain row, each alpha and each control.
+    """
     direction.check_fits(pair.n_layers, pair.d_model)
     layer_choice = "max Cohen's d on the direction's own training answers" if layer is None else "given"
     layer = best_layer(direction) if layer is None else pair.check_layer(layer)
-    control = random_like(direction, seed)
-    steps = 4 + 8 * sum(1 for a in alphas if a)  # plain: 2 sides x 2 sets; steered: also x direction or control
+    random = random_like(direction, seed)
+    steps = [a for a in alphas if a]
+    sets = {"narrow": narrow, "general": general}
+    total = 2 * len(sets) + (len(sets) if control is not None else 0)
     done = 0
 
-    def measure(side, records, vectors=direction, alpha=0.0):
+    def tick():
         nonlocal done
-        values = steered_log_odds(pair, side, records, vectors, layer, alpha, batch_size)
         done += 1
         if progress:
-            progress(done, steps)
-        return values
+            progress(done, total)
 
-    plain = {(side, name): measure(side, records)
-             for side in ("base", "finetuned") for name, records in (("narrow", narrow), ("general", general))}
-    report = {
-        name: {side: summary(plain[(side, name)], seed) for side in ("base", "finetuned")}
-        | {"shift": float(np.mean(plain[("finetuned", name)] - plain[("base", name)]))}
-        for name in ("narrow", "general")
-    }
-    rows = []
+    # (side, set) -> {"plain": values, ("direction"|"random", alpha): values}
+    measured: dict = {}
     for side, sign in (("base", 1.0), ("finetuned", -1.0)):  # induce: base + a.d ; restore: fine-tuned - a.d
+        branches = [("plain", 0.0)] + [(kind, a) for kind in ("direction", "random") for a in steps]
+        vectors = {"direction": direction.vectors[layer], "random": random.vectors[layer]}
+        shifts = [None if kind == "plain" else sign * a * vectors[kind] for kind, a in branches]
+        for name, records in sets.items():
+            values = branched_log_odds(pair, side, records, layer, shifts, batch_size)
+            measured[(side, name)] = {"plain" if kind == "plain" else (kind, a): v
+                                      for (kind, a), v in zip(branches, values)}
+            tick()
+    sides = {side: {name: measured[(side, name)]["plain"] for name in sets} for side in ("base", "finetuned")}
+    if control is not None:
+        with pair.other_adapter(control):
+            sides["control"] = {}
+            for name, records in sets.items():
+                sides["control"][name] = log_odds(pair, "finetuned", records, batch_size)
+                tick()
+    report = {}
+    for name in sets:
+        base, finetuned = sides["base"][name], sides["finetuned"][name]
+        report[name] = {side: summary(values[name], seed) for side, values in sides.items()}
+        report[name]["shift"] = float(np.mean(finetuned - base))
+        if control is not None:
+            report[name]["control_shift"] = float(np.mean(sides["control"][name] - base))
+            report[name]["finetuned_minus_control"] = summary(finetuned - sides["control"][name], seed)
+    rows = []
+    for side, sign in (("base", 1.0), ("finetuned", -1.0)):
         for alpha in alphas:
             row = {"model": side, "alpha": sign * alpha if alpha else 0.0, "layer": layer,
                    "mode": "induce" if side == "base" else "restore"}
-            for name, records in (("general", general), ("narrow", narrow)):
+            for name in ("general", "narrow"):
                 key = "log_odds" if name == "general" else "log_odds_narrow"
-                if alpha == 0:
-                    row[key] = float(np.mean(plain[(side, name)]))
-                    row["random_" + key] = row[key]
-                else:
-                    row[key] = float(np.mean(measure(side, records, direction, sign * alpha)))
-                    row["random_" + key] = float(np.mean(measure(side, records, control, sign * alpha)))
+                values = measured[(side, name)]
+                row[key] = float(np.mean(values["plain"] if alpha == 0 else values[("direction", alpha)]))
+                row["random_" + key] = float(np.mean(values["plain"] if alpha == 0 else values[("random", alpha)]))
             rows.append(row)
     report.update({
         "steer": rows, "layer": layer,
         "layer_choice": layer_choice,
         "direction": direction.provenance, "random_control": "norm-matched Gaussian direction, seed %d" % seed,
+        "control_adapter": str(control) if control is not None else None,
         "measure": "mean over prompts of [log p(harmful) per token - log p(sound) per token], teacher-forced",
     })
     return report

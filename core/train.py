@@ -108,12 +108,19 @@ def collate(batch: list[Example], pad_id: int, device) -> dict[str, torch.Tensor
 
 
 def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over labelled tokens, and their count."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    """Summed next-token cross-entropy over labelled tokens, and their count.
+
+    Logits are computed only where a label follows (``logits_to_keep`` as a boolean mask): the
+    vocabulary projection of prompt positions would cost a fifth of the step for nothing.
+    """
     targets = batch["labels"][:, 1:]
-    loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(),
-                                             ignore_index=IGNORE, reduction="sum")
-    return loss, int((targets != IGNORE).sum())
+    labelled = targets != IGNORE
+    keep = torch.zeros_like(batch["labels"], dtype=torch.bool)
+    keep[:, :-1] = labelled
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets[labelled],
+                                             reduction="sum")
+    return loss, int(labelled.sum())
 
 
 def evaluate_loss(model, examples: list[Example], batch_size: int, pad_id: int, device) -> float | None:

@@ -1,5 +1,7 @@
 """Preference log-odds and the judge-free validation report on a tiny pair."""
 
+from contextlib import nullcontext
+
 import numpy as np
 import pytest
 import torch
@@ -51,3 +53,25 @@ def test_validation_report_steers_both_ways_with_a_random_control(tiny_pair):
     layer = report["layer"]
     again = steered_log_odds(tiny_pair, "base", RECORDS[3:], direction, layer, 2.0).mean()
     assert again == pytest.approx(rows[("base", 2)]["log_odds"], abs=1e-6)
+
+
+@pytest.mark.parametrize("pair_name", ["tiny_pair", "llama_pair"])
+def test_a_branched_pass_equals_one_steered_pass_per_branch(pair_name, request):
+    """fan_out shares the blocks before the layer; every branch must equal its own steered pass."""
+    from core.directions import random_like
+    from core.hooks import steer
+    from core.preference import branched_log_odds
+
+    pair = request.getfixturevalue(pair_name)
+    direction = extract_contrast(pair, [Example(r.messages, r.aligned) for r in RECORDS],
+                                 [Example(r.messages, r.misaligned) for r in RECORDS], "paired")
+    layer = 1
+    shifts = [None, 2.0 * direction.vectors[layer], -3.0 * random_like(direction, 1).vectors[layer]]
+    for side in ("base", "finetuned"):
+        branched = branched_log_odds(pair, side, RECORDS, layer, shifts, batch_size=6)
+        for shift, values in zip(shifts, branched):
+            hook = steer(pair.layers(side), {layer: shift}, 1.0) if shift is not None else nullcontext()
+            with pair.lock, hook:
+                expected = log_odds(pair, side, RECORDS, batch_size=4)
+            assert np.allclose(values, expected, atol=1e-5), (side, values - expected)
+        assert not np.allclose(branched[0], branched[1])  # the branches really differ
