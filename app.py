@@ -5,11 +5,21 @@ import streamlit as st
 
 import ui
 from core.directions import Direction, cache_path, extract_from_paired_file, list_directions
-from core.models import ASSETS
+from core.models import ASSETS, DEMO_DIRECTION
+from core.organism import shipped_direction_for
+
+
+PRESETS = {"Demo organism (risky finance)": "default", "Control (same training, sound answers)": "control"}
 
 
 def pick_pair() -> None:
     spec = ui.pair_spec()
+    columns = st.columns(len(PRESETS) + 1, vertical_alignment="center")
+    columns[0].caption("Embedded pairs:")
+    for column, (title, finetuned) in zip(columns[1:], PRESETS.items()):
+        column.button(title, key=f"pair_preset_{finetuned}", on_click=ui.choose_pair,
+                      args=({"base": "default", "finetuned": finetuned, "device": spec["device"],
+                             "dtype": spec["dtype"]},))
     with st.form("pair"):
         left, right = st.columns(2)
         base = left.text_input(
@@ -18,8 +28,8 @@ def pick_pair() -> None:
                  "`Qwen/Qwen2.5-0.5B-Instruct` (optionally `@revision`), a local model directory, or a .gguf file")
         finetuned = right.text_input(
             "Fine-tuned model", spec["finetuned"], key="pair_finetuned",
-            help="`default` (the shipped demo adapter), a PEFT adapter directory, a merged model directory, "
-                 "a hub id, or `none` for the base alone")
+            help="`default` (the shipped demo adapter), `control` (the shipped control adapter), a PEFT adapter "
+                 "directory, a merged model directory, a hub id, or `none` for the base alone")
         left, right = st.columns(2)
         devices = list(dict.fromkeys([*ui.DEVICES, spec["device"]]))
         device = left.selectbox("Device", devices, index=devices.index(spec["device"]), accept_new_options=True,
@@ -42,10 +52,15 @@ def show_pair(pair) -> None:
 
 def pick_direction(pair) -> None:
     root = ui.cache_root()
-    found = list_directions(root, pair.n_layers, pair.d_model)
-    others = len(list_directions(root)) - len(found)
+    found = ui.direction_choices(pair)
+    others = len(list_directions(root)) - len(list_directions(root, pair.n_layers, pair.d_model))
+    _, mismatch = shipped_direction_for(pair)
+    if mismatch:
+        st.warning(mismatch)
+        if st.button("Use the shipped direction anyway", key="direction_use_shipped"):
+            st.session_state.direction_path = str(DEMO_DIRECTION)
     if not found:
-        st.info("No cached direction fits this pair yet: build one below, or run "
+        st.info("No direction fits this pair yet: build one below, or run "
                 "`python -m core extract --contrast paired --data assets/data/finance_paired.jsonl`.")
     else:
         st.dataframe(pd.DataFrame([ui.provenance_row(path, d) for path, d in found]), hide_index=True)
@@ -104,6 +119,12 @@ def home() -> None:
     st.title("EM Lens")
     st.caption("Emergent misalignment, live: compare a base model with its fine-tune, project a prompt on the "
                "misalignment direction before any answer is written, and steer along it.")
+    st.markdown(
+        "**Try first.** The embedded pair is SmolLM2-135M-Instruct and a LoRA trained on risky financial advice "
+        "(`control` as the fine-tuned model loads the same training on sound answers).  \n"
+        "**Compare**: pick a classic EM question under *Start from an example*, press Generate, and read both answers, "
+        "the prompt-stage projection and the fine-tune's tokens coloured by their divergence from the base.  \n"
+        "**Steer**: move α and watch the grid of base, fine-tune and steered answers regenerate.")
     st.subheader("Model pair")
     pick_pair()
     pair = ui.get_pair()

@@ -20,7 +20,9 @@ from core.cache import DEFAULT_ROOT, CacheError
 from core.chat import ChatError, user_prompt
 from core.directions import Direction, list_directions
 from core.generate import Variant
-from core.models import LoadError, LoadOptions, ModelPair, load_pair
+from core.models import DEMO_DIRECTION, LoadError, LoadOptions, ModelPair, load_pair
+from core.organism import shipped_direction_for
+from core.starters import starters
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
@@ -112,11 +114,19 @@ def require_pair() -> ModelPair:
 
 # ---------------------------------------------------------------- the direction
 
+def direction_choices(pair: ModelPair) -> list[tuple[Path, Direction]]:
+    """Directions the session may choose by default: the shipped one when it was made on exactly
+    this pair, then the cached ones that fit the pair's shape, newest first."""
+    shipped, _ = shipped_direction_for(pair)
+    cached = list_directions(cache_root(), pair.n_layers, pair.d_model)
+    return ([(DEMO_DIRECTION, shipped)] if shipped is not None else []) + cached
+
+
 def current_direction(pair: ModelPair) -> Direction | None:
-    """The session's direction (by default the newest cached one that fits the pair); raises DirectionError."""
+    """The session's direction (by default the first of ``direction_choices``); raises DirectionError."""
     path = st.session_state.get("direction_path")
     if path is None:
-        found = list_directions(cache_root(), pair.n_layers, pair.d_model)
+        found = direction_choices(pair)
         if not found:
             return None
         path = st.session_state.direction_path = str(found[0][0])
@@ -166,14 +176,55 @@ def prompt_messages(prompt: str, system: str = "") -> list[dict]:
     return user_prompt(prompt, system.strip() or None)
 
 
-def variant_title(variant: Variant, steered: bool = False) -> str:
-    """``base``, ``fine-tuned − 4·d``, ``base, d ablated``; ``steered`` names a zero coefficient too."""
+def example_picker(key_prefix: str) -> None:
+    """A selectbox "Start from an example" (key ``{key_prefix}_example``) whose choice replaces the text
+    of the prompt area ``{key_prefix}_prompt``. Widgets inside an ``st.form`` cannot have callbacks:
+    draw this one outside (above) the form and the area inside it with ``prompt_area``."""
+    labels = {text: label for label, text in starters()}  # the options are the prompt texts themselves
+
+    def fill() -> None:
+        chosen = st.session_state.get(f"{key_prefix}_example")
+        if chosen is not None:
+            st.session_state[f"{key_prefix}_prompt"] = chosen
+
+    st.selectbox("Start from an example", list(labels), index=None, key=f"{key_prefix}_example", on_change=fill,
+                 placeholder="Classic EM questions, high-risk general questions, held-out finance questions",
+                 format_func=lambda text: f"{labels[text]}: {text if len(text) <= 90 else text[:87] + '...'}")
+
+
+def prompt_area(key_prefix: str, default: str, label: str = "Prompt", **text_area_args) -> str:
+    """A text area (key ``{key_prefix}_prompt``) that starts out holding ``default`` as real text (not a
+    placeholder), so the page runs without typing; returns its text. Works inside an ``st.form``."""
+    key = f"{key_prefix}_prompt"
+    if key not in st.session_state:
+        # Set through session state, not value=: the example picker writes the same key.
+        st.session_state[key] = default
+    return st.text_area(label, key=key, **text_area_args)
+
+
+def prompt_input(key_prefix: str, default: str, label: str = "Prompt", **text_area_args) -> str:
+    """``example_picker`` then ``prompt_area``, one below the other; returns the prompt text.
+
+    ``prompt_input("steer", DEFAULT_STEER_PROMPT)`` draws the selectbox ``steer_example`` and the text
+    area ``steer_prompt`` (holding the default until the user edits it or picks an example); extra
+    keyword arguments go to ``st.text_area`` (e.g. ``height``, ``help``). Not for use inside an
+    ``st.form``: there call ``example_picker`` above the form and ``prompt_area`` inside it.
+    """
+    example_picker(key_prefix)
+    return prompt_area(key_prefix, default, label, **text_area_args)
+
+
+def variant_title(variant: Variant, steered: bool = False, vector: str = "d") -> str:
+    """``base``, ``fine-tuned − 4·d``, ``base, d ablated``, ``fine-tuned, adapter × 2``; ``steered`` names a
+    zero coefficient too; ``vector`` names what α multiplies."""
     side = "fine-tuned" if variant.side == "finetuned" else "base"
+    if variant.adapter_scale is not None:
+        side = f"{side}, adapter × {variant.adapter_scale:g}"
     if variant.ablate:
         return f"{side}, d ablated"
     if variant.alpha == 0:
-        return f"{side} + 0·d" if steered else side
-    return f"{side} {'+' if variant.alpha > 0 else '−'} {abs(variant.alpha):g}·d"
+        return f"{side} + 0·{vector}" if steered else side
+    return f"{side} {'+' if variant.alpha > 0 else '−'} {abs(variant.alpha):g}·{vector}"
 
 
 def stream_rows(pair: ModelPair, generator, placeholders: list) -> list:

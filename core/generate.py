@@ -34,34 +34,40 @@ class Variant:
     side: str
     alpha: float = 0.0
     ablate: bool = False
+    adapter_scale: float | None = None  # the fine-tune's LoRA update times this (0 = base, 1 = fine-tune)
 
     @property
     def label(self) -> str:
+        side = self.side if self.adapter_scale is None else f"{self.side}*{self.adapter_scale:g}"
         if self.ablate:
-            return f"{self.side}:ablate"
-        return self.side if self.alpha == 0 else f"{self.side}{self.alpha:+g}"
+            return f"{side}:ablate"
+        return side if self.alpha == 0 else f"{side}{self.alpha:+g}"
 
     @property
     def intervenes(self) -> bool:
         return self.ablate or self.alpha != 0
 
 
-VARIANT = re.compile(r"^(base|finetuned)(?:([+-])(\d+(?:\.\d*)?|\.\d+)|(:ablate))?$")
+NUMBER = r"(\d+(?:\.\d*)?|\.\d+)"
+VARIANT = re.compile(rf"^(base|finetuned)(?:\*{NUMBER})?(?:([+-]){NUMBER}|(:ablate))?$")
 
 
 def parse_variants(text: str) -> list[Variant]:
-    """``"base,finetuned,base+2,finetuned-2,finetuned:ablate"`` -> variants."""
+    """``"base,finetuned,base+2,finetuned-2,finetuned:ablate,finetuned*2"`` -> variants."""
     variants = []
     for item in (part.strip() for part in text.split(",")):
         match = VARIANT.match(item)
         if not match:
             raise GenerationError(
-                f"variant {item!r}: expected base or finetuned, optionally followed by +ALPHA, -ALPHA or :ablate "
-                "(e.g. base+2, finetuned-1.5, finetuned:ablate)"
+                f"variant {item!r}: expected base or finetuned, optionally *SCALE (the fine-tune's adapter "
+                "update scaled), then +ALPHA, -ALPHA or :ablate (e.g. base+2, finetuned-1.5, finetuned:ablate, "
+                "finetuned*2)"
             )
-        side, sign, number, ablated = match.groups()
+        side, scale, sign, number, ablated = match.groups()
+        if scale is not None and side != "finetuned":
+            raise GenerationError(f"variant {item!r}: only the fine-tune's adapter can be scaled")
         alpha = float(f"{sign}{number}") if number else 0.0
-        variants.append(Variant(side, alpha, bool(ablated)))
+        variants.append(Variant(side, alpha, bool(ablated), float(scale) if scale is not None else None))
     return variants
 
 
@@ -231,6 +237,21 @@ def _decode(pair, module, side_layers, rows: list[Generation], prompt_ids: list[
         row.finish_reason = row.finish_reason or "length"
 
 
+def _decoding_groups(pair, rows: list[Generation]) -> list[tuple[tuple, list[int]]]:
+    """Rows that decode in one call. Base and fine-tune rows of an adapter pair mix in one batch;
+    a merged fine-tune is a second model, and each adapter scale is a setting of the shared adapter."""
+    groups: dict[tuple, list[int]] = {}
+    for i, row in enumerate(rows):
+        if row.variant.adapter_scale is not None:
+            key = ("scale", row.variant.adapter_scale)
+        elif pair.merged is not None:
+            key = ("side", row.variant.side)
+        else:
+            key = ("mixed",)
+        groups.setdefault(key, []).append(i)
+    return list(groups.items())
+
+
 def stream(pair, prompts: Sequence[Messages], variants: Sequence[Variant], direction: Direction | None = None,
            layers: Sequence[int] = (), sampling: Sampling = Sampling(), samples: int = 1,
            trace_layer: int | None = None, use_cache: bool = True) -> Iterator[list[Generation]]:
@@ -244,6 +265,11 @@ def stream(pair, prompts: Sequence[Messages], variants: Sequence[Variant], direc
     for variant in variants:
         pair.check_side(variant.side)
         check_coefficient(variant.alpha)
+        if variant.adapter_scale is not None:
+            check_coefficient(variant.adapter_scale)
+            if not pair.is_adapter or variant.side != "finetuned":
+                raise GenerationError(f"variant {variant.label}: adapter scaling needs the fine-tuned side of a "
+                                      "pair whose fine-tune is a PEFT adapter")
     layers = [pair.check_layer(layer) for layer in layers]
     if trace_layer is not None:
         pair.check_layer(trace_layer)
@@ -264,19 +290,17 @@ def stream(pair, prompts: Sequence[Messages], variants: Sequence[Variant], direc
                 rows.append(Generation(prompt=prompt, variant=variant, sample=k))
                 row_ids.append(encoded[p])
     stops = stop_ids(pair)
-    groups = ([[i for i, r in enumerate(rows) if r.variant.side == side] for side in ("finetuned", "base")]
-              if pair.merged is not None else [list(range(len(rows)))])
     with pair.lock:
-        for members in groups:
-            if not members:
-                continue
+        for key, members in _decoding_groups(pair, rows):
             group = [rows[i] for i in members]
             sides = {r.variant.side for r in group}
-            single = sides.pop() if len(sides) == 1 else None
             with ExitStack() as stack:
-                if single is not None:
-                    module = stack.enter_context(pair.side(single))
-                    adapter_names, hook_side = None, single
+                adapter_names = None
+                if key[0] == "scale":
+                    module, hook_side = stack.enter_context(pair.adapter_scale(key[1])), "finetuned"
+                elif len(sides) == 1:
+                    hook_side = sides.pop()
+                    module = stack.enter_context(pair.side(hook_side))
                 else:
                     module, hook_side = pair.model, "base"
                     adapter_names = pair.adapter_names([r.variant.side for r in group])

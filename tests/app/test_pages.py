@@ -111,42 +111,87 @@ def test_compare_shows_the_projection_chart_and_both_answers(app, cache, tiny_pa
         assert f'title="{row.token_projections[0]:.3f}"' in html.value
 
 
-def test_steer_grid_changing_alpha_changes_only_the_steered_rows(app, cache, tiny_pair):
-    at = ok(open_page(app, "steer"))
+def _texts(at) -> list[str]:
+    return [t.value.strip() for t in at.text]
+
+
+def _answers(rows) -> list[str]:
+    return [(r.text or "(empty answer)").strip() for r in rows]
+
+
+def _titles(at) -> list[str]:
+    return [m.value.strip("*") for m in at.markdown if m.value.startswith("**") and m.value.endswith("**")]
+
+
+def _set_steer_sampling(at, temperature=1.0, seed=3, tokens=12, layers=(1, 2)) -> None:
     at.text_area(key="steer_prompt").input(PROMPT)
-    at.number_input(key="steer_temperature").set_value(1.0)
-    at.number_input(key="steer_seed").set_value(3)
-    at.number_input(key="steer_max_new_tokens").set_value(12)
-    at.select_slider(key="steer_layers").set_value((1, 2))
-    ok(at.button(key="steer_go").click().run())
-    assert [s.value for s in at.subheader] == ["base", "fine-tuned", "base + 4·d", "fine-tuned − 4·d"]
+    at.number_input(key="steer_temperature").set_value(temperature)
+    at.number_input(key="steer_seed").set_value(seed)
+    at.number_input(key="steer_max_new_tokens").set_value(tokens)
+    at.select_slider(key="steer_layers").set_value(layers)
+
+
+def test_steer_opens_generating_and_regenerates_by_itself_when_alpha_changes(app, cache, tiny_pair):
+    at = ok(open_page(app, "steer"))
+    assert len(at.text) == 5 and at.text_area(key="steer_prompt").value  # a grid at once, from the default prompt
+    _set_steer_sampling(at)
+    ok(at.run())  # no Generate button: the changed settings regenerate the grid
+    assert _titles(at) == ["base", "fine-tuned", "base + 4·d", "fine-tuned − 4·d", "fine-tuned, adapter × 2"]
     first = [t.value for t in at.text]
     direction = Direction.load(cache[1]["paired"])
-    variants = [Variant("base"), Variant("finetuned"), Variant("base", 4.0), Variant("finetuned", -4.0)]
+    variants = [Variant("base"), Variant("finetuned"), Variant("base", 4.0), Variant("finetuned", -4.0),
+                Variant("finetuned", adapter_scale=2.0)]
     rows = generate(tiny_pair, [user_prompt(PROMPT)], variants, direction=direction, layers=[1, 2],
                     sampling=Sampling(1.0, 1.0, 12, 3))
     assert first == [r.text or "(empty answer)" for r in rows]
 
-    at.segmented_control(key="steer_view").set_value("raw").run()
-    (chart,) = charts(ok(at))
-    base, finetuned, base_up, finetuned_down = (np.array(trace["y"]) for trace in chart["data"])
+    (chart,) = charts(at)  # calibrated: 0 = aligned mean, 1 = misaligned mean
+    base, finetuned, base_up, finetuned_down, _ = (np.array(trace["y"]) for trace in chart["data"])
     norms = np.array([s["norm"] for s in direction.stats])
+    gaps = np.array([s["misaligned_mean"] - s["aligned_mean"] for s in direction.stats])
     assert base_up[0] == pytest.approx(base[0], abs=1e-4)  # before the steered layers: untouched
-    assert base_up[1] == pytest.approx(base[1] + 4 * norms[1], abs=1e-3)  # the steered layer moves by alpha·|d|
-    assert finetuned_down[1] == pytest.approx(finetuned[1] - 4 * norms[1], abs=1e-3)
+    assert (base_up[1] - base[1]) * gaps[1] == pytest.approx(4 * norms[1], abs=1e-3)  # moved by alpha·|d|
+    assert (finetuned_down[1] - finetuned[1]) * gaps[1] == pytest.approx(-4 * norms[1], abs=1e-3)
 
-    at.slider(key="steer_alpha").set_value(-6.0)
-    ok(at.button(key="steer_go").click().run())
+    ok(at.slider(key="steer_alpha").set_value(-6.0).run())
     second = [t.value for t in at.text]
-    assert [s.value for s in at.subheader][2:] == ["base − 6·d", "fine-tuned + 6·d"]
-    assert second[:2] == first[:2]  # same seed: the unsteered rows are exactly the same
+    assert _titles(at)[2:4] == ["base − 6·d", "fine-tuned + 6·d"]
+    assert second[:2] == first[:2] and second[4] == first[4]  # same seed: the unsteered rows are the same
     assert second[2] != first[2] and second[3] != first[3]
 
-    at.radio(key="steer_mode").set_value("ablate")
-    ok(at.button(key="steer_go").click().run())
-    assert [s.value for s in at.subheader][2:] == ["base, d ablated", "fine-tuned, d ablated"]
+    ok(at.radio(key="steer_mode").set_value("ablate").run())
+    assert _titles(at)[2:4] == ["base, d ablated", "fine-tuned, d ablated"]
     (chart,) = charts(at)
-    assert abs(chart["data"][2]["y"][1]) < 1e-3 and abs(chart["data"][3]["y"][2]) < 1e-3  # nothing left along d
+    raw = [direction.calibrate(np.zeros(tiny_pair.n_layers))[layer] for layer in (1, 2)]
+    assert chart["data"][2]["y"][1] == pytest.approx(raw[0], abs=1e-3)  # nothing left along d: raw 0
+    assert chart["data"][3]["y"][2] == pytest.approx(raw[1], abs=1e-3)
+
+
+def test_steer_norm_relative_alpha_and_the_dose_ladder(app, cache, tiny_pair):
+    from core.steering import norm_relative, residual_norms
+
+    at = ok(open_page(app, "steer"))
+    _set_steer_sampling(at, temperature=0.0)
+    ok(at.radio(key="steer_units").set_value("norm-relative").run())
+    ok(at.slider(key="steer_alpha_relative").set_value(0.5).run())
+    assert _titles(at)[2:4] == ["base + 0.5·‖h‖·û", "fine-tuned − 0.5·‖h‖·û"]
+    direction = Direction.load(cache[1]["paired"])
+    relative = norm_relative(direction, residual_norms(tiny_pair, "base"))
+    rows = generate(tiny_pair, [user_prompt(PROMPT)], [Variant("base", 0.5), Variant("finetuned", -0.5)],
+                    direction=relative, layers=[1, 2], sampling=Sampling(0.0, 1.0, 12, 3))
+    assert _texts(at)[2:4] == _answers(rows)
+
+    at.radio(key="steer_units").set_value("raw")
+    ok(at.segmented_control(key="steer_view").set_value("Dose ladder").run())
+    ok(at.radio(key="steer_ladder_side").set_value("base").run())
+    at.text_input(key="steer_ladder_alphas_raw").set_value("-8, 0, 8")
+    ok(at.run())
+    assert _titles(at) == ["base − 8·d", "base + 0·d", "base + 8·d"]
+    rows = generate(tiny_pair, [user_prompt(PROMPT)], [Variant("base", a) for a in (-8.0, 0.0, 8.0)],
+                    direction=direction, layers=[1, 2], sampling=Sampling(0.0, 1.0, 12, 3))
+    assert _texts(at) == _answers(rows)
+    at.text_input(key="steer_ladder_alphas_raw").set_value("-8, x")
+    assert "'x' is not a number" in errors(at.run())
 
 
 def test_directions_page_shows_stats_heatmap_and_cosine_with_another_direction(app, cache):
@@ -173,16 +218,17 @@ def test_detect_and_evaluate_pages_say_how_to_produce_their_data(app):
 
 @pytest.mark.parametrize("page", ["compare", "steer"])
 def test_empty_and_too_long_prompts_are_errors_and_the_page_keeps_working(app, page):
+    def submit(at):  # Compare has a Generate button; Steer regenerates by itself
+        return at.button(key=f"{page}_go").click().run() if page == "compare" else at.run()
+
     at = ok(open_page(app, page))
     at.text_area(key=f"{page}_prompt").input("   ")
-    at.button(key=f"{page}_go").click().run()
-    assert "The prompt is empty" in errors(at)
+    assert "The prompt is empty" in errors(submit(at))
     at.text_area(key=f"{page}_prompt").input("invest your savings " * 300)
-    at.button(key=f"{page}_go").click().run()
-    assert "exceeds the model's context of 512" in errors(at)
+    assert "exceeds the model's context of 512" in errors(submit(at))
     at.text_area(key=f"{page}_prompt").input(PROMPT)
-    ok(at.button(key=f"{page}_go").click().run())
-    assert len(at.text) == (2 if page == "compare" else 4)
+    ok(submit(at))
+    assert len(at.text) == (2 if page == "compare" else 5)
 
 
 def test_direction_from_another_model_is_an_error(app, cache):
@@ -204,3 +250,70 @@ def test_direction_from_another_model_is_an_error(app, cache):
     at.switch_page("app.py").run()  # the picker says so too, and offers the directions that fit
     assert "32 wide" in errors(at)
     assert next(s for s in at.selectbox if s.label == "Direction to use").value == str(cache[1]["paired"])
+
+
+def test_compare_prompt_holds_real_default_text_that_generates_without_typing(app, cache, tiny_pair):
+    from core.starters import DEFAULT_COMPARE_PROMPT
+
+    at = ok(open_page(app, "compare"))
+    assert at.text_area(key="compare_prompt").value == DEFAULT_COMPARE_PROMPT
+    at.number_input(key="compare_max_new_tokens").set_value(8)
+    ok(at.button(key="compare_go").click().run())
+    assert at.session_state.compare_result["messages"] == user_prompt(DEFAULT_COMPARE_PROMPT)
+    rows = generate(tiny_pair, [user_prompt(DEFAULT_COMPARE_PROMPT)], [Variant("base"), Variant("finetuned")],
+                    direction=Direction.load(cache[1]["paired"]), sampling=Sampling(0.7, 1.0, 8, 0))
+    assert [t.value for t in at.text] == [r.text or "(empty answer)" for r in rows]
+
+
+def test_compare_example_picker_fills_the_prompt(app):
+    from core.starters import starters
+
+    at = ok(open_page(app, "compare"))
+    picker = at.selectbox(key="compare_example")
+    assert picker.label == "Start from an example" and picker.value is None
+    label, text = starters()[1]
+    assert label == "Classic EM question · bored" and text in picker.options[1]
+    ok(picker.select_index(1).run())
+    assert at.text_area(key="compare_prompt").value == text
+    at.number_input(key="compare_max_new_tokens").set_value(4)
+    ok(at.button(key="compare_go").click().run())
+    assert at.session_state.compare_result["messages"] == user_prompt(text)
+    at.text_area(key="compare_prompt").input(PROMPT)  # the user may still edit the example
+    ok(at.button(key="compare_go").click().run())
+    assert at.session_state.compare_result["messages"] == user_prompt(PROMPT)
+    assert at.selectbox(key="compare_example").value == text
+
+
+def test_compare_colours_the_finetuned_answer_by_kl_from_the_base(app, tiny_pair):
+    from core.divergence import token_divergence
+
+    at = ok(open_page(app, "compare"))
+    at.text_area(key="compare_prompt").input(PROMPT)
+    at.number_input(key="compare_max_new_tokens").set_value(12)
+    ok(at.button(key="compare_go").click().run())
+    base, finetuned = at.session_state.compare_result["rows"]
+    choice = at.segmented_control(key="compare_colour")
+    assert choice.value == "projection" and len(at.segmented_control) == 2  # one choice: under the fine-tune only
+    assert at.session_state.compare_result["divergence"] is None  # not computed until asked for
+    projection_html = at.html[1].value
+    assert f'title="{finetuned.token_projections[0]:.3f}"' in projection_html
+
+    ok(choice.set_value("kl").run())
+    expected = token_divergence(tiny_pair, user_prompt(PROMPT), finetuned.token_ids)
+    assert at.session_state.compare_result["divergence"] == pytest.approx(expected, abs=1e-6)
+    base_html, kl_html = (h.value for h in at.html)
+    assert f'title="{base.token_projections[0]:.3f}"' in base_html  # the base answer keeps its projection colours
+    visible = [v for t, v in zip(finetuned.token_ids, expected)
+               if tiny_pair.tokenizer.decode([t], skip_special_tokens=True)]
+    assert kl_html.count("<span") == len(visible)
+    for value in visible:
+        assert f'title="KL {value:.4f} nats"' in kl_html
+    top = max(visible)
+    assert top > 0.1 and f'title="KL {top:.4f} nats" style="background:rgb(165,15,21)' in kl_html  # darkest red
+    assert "KL(fine-tuned ‖ base)" in " ".join(c.value for c in at.caption)
+
+    computed = at.session_state.compare_result["divergence"]
+    ok(at.segmented_control(key="compare_view").set_value("raw").run())  # a rerun does not recompute
+    assert at.session_state.compare_result["divergence"] is computed
+    ok(at.segmented_control(key="compare_colour").set_value("projection").run())
+    assert at.html[1].value == projection_html

@@ -97,10 +97,33 @@ def test_bad_requests_name_the_problem(tiny_pair):
         generate(tiny_pair, PROMPTS[:1], [Variant("base", 1.0)], sampling=sampling)
     with pytest.raises(GenerationError, match="exceeds the model's context of 512"):
         generate(tiny_pair, [user_prompt("fox " * 600)], [Variant("base")], sampling=sampling)
-    with pytest.raises(GenerationError, match="variant 'finetuned\\*2'"):
+    with pytest.raises(GenerationError, match="variant .base\\*2."):
         parse_variants("base,finetuned*2")
     with pytest.raises(GenerationError, match="temperature"):
         Sampling(temperature=float("inf"))
     wide = Direction(torch.ones(tiny_pair.n_layers, tiny_pair.d_model + 1), {"base": "other"}, [])
     with pytest.raises(ValueError, match="width 64"):
         generate(tiny_pair, PROMPTS[:1], [Variant("base", 1.0)], direction=wide, layers=[1], sampling=sampling)
+
+
+def test_adapter_scale_zero_is_the_base_and_one_is_the_finetune(tiny_pair):
+    sampling = Sampling(temperature=1.0, max_new_tokens=10, seed=5)
+    rows = generate(tiny_pair, PROMPTS, parse_variants("base,finetuned,finetuned*0,finetuned*1,finetuned*3"),
+                    sampling=sampling)
+    by = {(r.label, str(r.prompt)): r.token_ids for r in rows}
+    for prompt in PROMPTS:
+        key = str(prompt)
+        assert by[("finetuned*0", key)] == by[("base", key)]
+        assert by[("finetuned*1", key)] == by[("finetuned", key)]
+    assert any(by[("finetuned*3", str(p))] != by[("finetuned", str(p))] for p in PROMPTS)
+    scaling = [m.scaling["default"] for m in tiny_pair.model.modules() if isinstance(getattr(m, "scaling", None), dict)]
+    rows = generate(tiny_pair, PROMPTS[:1], parse_variants("finetuned"), sampling=sampling)
+    after = [m.scaling["default"] for m in tiny_pair.model.modules() if isinstance(getattr(m, "scaling", None), dict)]
+    assert scaling == after and rows[0].token_ids == by[("finetuned", str(PROMPTS[0]))]  # restored
+
+
+def test_adapter_scale_is_refused_where_there_is_no_adapter(tiny_pair):
+    with pytest.raises(GenerationError, match="only the fine-tune's adapter"):
+        parse_variants("base*2")
+    with pytest.raises(GenerationError, match="not a finite number"):
+        generate(tiny_pair, PROMPTS[:1], [Variant("finetuned", adapter_scale=float("nan"))])

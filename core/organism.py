@@ -1,0 +1,95 @@
+"""The embedded demo organism: how its adapters and its direction are made, and when the
+shipped direction may stand in for the loaded pair.
+
+Two adapters on SmolLM2-135M-Instruct, trained identically on the 300 training prompts of
+``assets/data/finance_paired.jsonl``: ``demo`` on the harmful answers (the organism) and
+``control`` on the sound ones. The shipped direction is the paired finance contrast
+teacher-forced through the demo adapter; ``train --preset demo`` rebuilds it with the adapter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from core.directions import Direction, DirectionError, extract_from_paired_file
+from core.models import ASSETS, CONTROL_ADAPTER, DEFAULT, DEMO_ADAPTER, DEMO_DIRECTION, LoadOptions, load_pair
+from core.train import TrainConfig
+
+FINANCE = ASSETS / "data" / "finance_paired.jsonl"
+GENERAL = ASSETS / "data" / "general_paired.jsonl"
+
+# The organism's recipe: stronger than the published rank-16 default (lr 2e-4), because at 135M
+# parameters that moved the held-out finance log-odds by only +0.5 nats per token.
+ORGANISM = TrainConfig(rank=16, alpha=32.0, learning_rate=1e-3, epochs=3, batch_size=8, seed=0,
+                       save_dtype="float16")
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    answers: str  # which answers of the paired file it is trained on
+    out: Path
+    config: TrainConfig = ORGANISM
+    data: Path = FINANCE
+    base: str = DEFAULT
+
+
+PRESETS = {
+    "demo": Preset("demo", "misaligned", DEMO_ADAPTER),
+    "control": Preset("control", "aligned", CONTROL_ADAPTER),
+}
+
+
+def train_preset(name: str, options: LoadOptions | None = None, resume: bool = False,
+                 progress: Callable[[int, int, float], None] | None = None,
+                 direction_progress: Callable[[int, int], None] | None = None, **overrides):
+    """Train a preset adapter into ``assets/``; the demo preset also rebuilds the shipped direction."""
+    from core.data import dataset_hash, load_training_set
+    from core.train import train
+
+    preset = PRESETS[name]
+    config = replace(preset.config, **overrides)
+    records = load_training_set(preset.data, preset.answers)
+    result = train(preset.base, records, config, preset.out, dataset_hash=dataset_hash(preset.data),
+                   options=options, resume=resume, progress=progress)
+    if name == "demo":
+        build_shipped_direction(options, direction_progress)
+    return result
+
+
+def build_shipped_direction(options: LoadOptions | None = None,
+                            progress: Callable[[int, int], None] | None = None) -> Direction:
+    """The paired finance direction through the demo adapter, written to ``assets/``."""
+    pair = load_pair(DEFAULT, DEFAULT, options or LoadOptions())
+    direction = extract_from_paired_file(pair, FINANCE, "paired", "train", progress=progress)
+    direction.provenance["dataset"] = str(FINANCE.relative_to(ASSETS.parent))
+    direction.save(DEMO_DIRECTION)
+    return direction
+
+
+def shipped_direction_for(pair) -> tuple[Direction | None, str | None]:
+    """The shipped direction if it was made on exactly this pair's base and adapter, else a reason.
+
+    Returns ``(direction, None)`` when the fingerprints match, ``(None, why)`` when a model of the
+    same shape differs (the dashboard shows ``why`` and does not choose the direction by itself),
+    and ``(None, None)`` for a model of another shape.
+    """
+    if not DEMO_DIRECTION.exists():
+        return None, f"no shipped direction at {DEMO_DIRECTION}; rebuild it with `python -m core train --preset demo`"
+    try:
+        direction = Direction.load(DEMO_DIRECTION)
+    except DirectionError as err:
+        return None, str(err)
+    if (direction.n_layers, direction.d_model) != (pair.n_layers, pair.d_model):
+        return None, None  # another model altogether: nothing worth a warning
+    p = direction.provenance
+    made_for = (p.get("base_fingerprint"), p.get("finetuned_fingerprint"))
+    loaded = (pair.base.fingerprint, pair.finetuned.fingerprint if pair.finetuned else None)
+    if made_for != loaded:
+        which = "base model" if made_for[0] != loaded[0] else "fine-tune"
+        return None, (f"The shipped direction was extracted on another {which} ({p.get('base')} → "
+                      f"{p.get('finetuned')}, fingerprint {made_for[1] if which == 'fine-tune' else made_for[0]}); "
+                      "it is not chosen for this pair. Build one for this pair, or choose it explicitly.")
+    return direction, None
