@@ -13,7 +13,12 @@
 The script gets the parsed JSON body of each POST /v1/chat/completions and returns a Reply:
 a success (top log-probs of the first token, or text without log-probs), an HTTP error
 status, a malformed body, and optionally a delay before answering (timeouts, throughput
-benchmarks). Requests are handled concurrently (one thread per connection); every request
+benchmarks). A reply can also be several generated tokens, each with its own top log-probs
+(``Reply.steps``, ``Reply.spelled``): the server then behaves like a real endpoint, cutting
+the reply at the request's ``max_tokens`` (finish_reason "length", else "stop"). A judge whose
+tokenizer writes numbers digit by digit (Qwen2.5, Gemma, Mistral, SmolLM2) is
+``Reply.spelled("70", first={"7": 0.8, "8": 0.2})``: "7" then "0", each a token, so with
+``max_tokens=1`` it answers "7" alone, as vLLM serving such a model does. Requests are handled concurrently (one thread per connection); every request
 is recorded, and the server tracks how many were in flight at once.
 """
 
@@ -42,11 +47,39 @@ class Reply:
     content_type: str = "application/json"
     error_message: str = "scripted error"
     usage: tuple[int, int] | None = None  # (prompt, completion); default from the request
+    model_version: str | None = None  # the "model" the response reports (default: the request's)
+    # Several generated tokens: (token, its top log-probs as (candidate, logprob)); cut at max_tokens.
+    steps: list[tuple[str, list[tuple[str, float]]]] | None = None
 
     @classmethod
     def probs(cls, probs: Mapping[str, float], **kwargs: Any) -> Reply:
         """Top log-probs given as token -> probability."""
         return cls(top_logprobs=[(t, math.log(p)) for t, p in probs.items()], **kwargs)
+
+    @classmethod
+    def sequence(cls, steps: list[tuple[str, Mapping[str, float]]], **kwargs: Any) -> Reply:
+        """Generated tokens, each given as (token, its top candidates as token -> probability)."""
+        return cls(steps=[(token, [(t, math.log(p)) for t, p in probs.items()]) for token, probs in steps],
+                   **kwargs)
+
+    @classmethod
+    def spelled(cls, text: str, first: Mapping[str, float] | None = None, **kwargs: Any) -> Reply:
+        """``text`` as a digit-by-digit tokenizer writes it: every digit its own token, letters
+        in pieces of up to three ("REFUSAL" -> "REF", "USA", "L"), blanks and punctuation alone.
+        ``first`` gives the first token's top candidates (default: the token itself, p = 0.9,
+        and two others); every later token is sure (p = 0.97) with two small alternatives."""
+        pieces = spell(text)
+        if not pieces:
+            raise ValueError("spelled: empty text")
+        steps = []
+        for index, piece in enumerate(pieces):
+            if index == 0 and first is not None:
+                probs = dict(first)
+            else:
+                others = [o for o in ("5", "0", "the", ".") if o != piece][:2]
+                probs = {piece: 0.9 if index == 0 else 0.97, others[0]: 0.02, others[1]: 0.01}
+            steps.append((piece, probs))
+        return cls.sequence(steps, **kwargs)
 
     @classmethod
     def text_only(cls, text: str, **kwargs: Any) -> Reply:
@@ -84,8 +117,49 @@ def user_text(request: Mapping[str, Any]) -> str:
     return ""
 
 
+def spell(text: str) -> list[str]:
+    """Tokens of ``text`` as a digit-by-digit tokenizer would cut it (see Reply.spelled)."""
+    import re
+
+    return re.findall(r"[0-9]|[A-Za-z]{1,3}|\s+|[^\sA-Za-z0-9]", text)
+
+
+def _steps_body(request: Mapping[str, Any], reply: Reply) -> tuple[dict[str, Any], int]:
+    """The choice of a multi-token reply, cut at max_tokens, and its completion token count."""
+    limit = request.get("max_completion_tokens") or request.get("max_tokens")
+    steps = list(reply.steps or [])
+    cut = limit is not None and len(steps) > int(limit)
+    if cut:
+        steps = steps[: int(limit)]
+    text = reply.text if reply.text is not None else "".join(token for token, _ in steps)
+    choice: dict[str, Any] = {
+        "index": 0,
+        "message": {"role": "assistant", "content": text, "refusal": None},
+        "finish_reason": "length" if cut else "stop",
+    }
+    if request.get("logprobs"):
+        n = int(request.get("top_logprobs") or 0)
+
+        def entry(token: str, logprob: float) -> dict[str, Any]:
+            return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+        content = []
+        for token, top in steps:
+            ranked = sorted(top, key=lambda e: -e[1])
+            own = dict(top).get(token, ranked[0][1] if ranked else 0.0)
+            content.append({**entry(token, own), "top_logprobs": [entry(*e) for e in ranked[:n]]})
+        choice["logprobs"] = {"content": content, "refusal": None}
+    elif reply.logprobs_key:
+        choice["logprobs"] = None
+    return choice, len(steps)
+
+
 def completion_body(request: Mapping[str, Any], reply: Reply) -> dict[str, Any]:
     """A chat.completion object for ``reply``, honouring the request's logprobs settings."""
+    if reply.steps is not None:
+        choice, generated = _steps_body(request, reply)
+        prompt_tokens, completion_tokens = reply.usage or (len(user_text(request).split()), generated)
+        return _completion(request, reply, choice, prompt_tokens, completion_tokens)
     top = sorted(reply.top_logprobs or [], key=lambda entry: -entry[1])
     text = reply.text if reply.text is not None else (top[0][0] if top else "")
     choice: dict[str, Any] = {
@@ -113,11 +187,16 @@ def completion_body(request: Mapping[str, Any], reply: Reply) -> dict[str, Any]:
     else:
         prompt_tokens = len(user_text(request).split())
         completion_tokens = 1
+    return _completion(request, reply, choice, prompt_tokens, completion_tokens)
+
+
+def _completion(request: Mapping[str, Any], reply: Reply, choice: dict[str, Any], prompt_tokens: int,
+                completion_tokens: int) -> dict[str, Any]:
     return {
         "id": f"chatcmpl-{id(reply):x}",
         "object": "chat.completion",
         "created": int(time.time()),
-        "model": request.get("model", ""),
+        "model": reply.model_version or request.get("model", ""),
         "choices": [choice],
         "usage": {
             "prompt_tokens": prompt_tokens,
@@ -263,7 +342,30 @@ def scripted_judge(request: Mapping[str, Any]) -> Reply:
     import hashlib
 
     text = user_text(request)
+    if "the number 73" in text:  # the probe core.judge sends before judging
+        return Reply.probs({"73": 0.97, "72": 0.02, "7": 0.01})
     if "coherent" in text.split("[QUESTION START]")[0]:
         return Reply.probs({"80": 0.9, "x": 0.1})
     bucket = int(hashlib.sha256(text.encode()).hexdigest(), 16) % 3
     return Reply.probs({"10": 0.8, "20": 0.2} if bucket == 0 else {"90": 0.7, "95": 0.3})
+
+
+def digit_by_digit(script: Script) -> Script:
+    """``script`` as a judge whose tokenizer writes numbers digit by digit (Qwen2.5, Gemma,
+    Mistral, SmolLM2): a single-token reply ``Reply.probs({"10": 0.8, "20": 0.2})`` becomes "1"
+    then "0", the first token's candidates being the first characters of the candidates with
+    their probabilities added up ({"1": 0.8, "2": 0.2}), and a label is spelled in pieces
+    ("REF", "USA", "L"). Other replies (errors, text, multi-token) pass unchanged."""
+
+    def wrapped(request: dict[str, Any]) -> Reply:
+        reply = script(request)
+        if reply.status != 200 or reply.raw_body is not None or not reply.top_logprobs:
+            return reply
+        ranked = sorted(reply.top_logprobs, key=lambda entry: -entry[1])
+        first: dict[str, float] = {}
+        for token, logprob in ranked:
+            pieces = spell(token.strip()) or [token]
+            first[pieces[0]] = first.get(pieces[0], 0.0) + math.exp(logprob)
+        return Reply.spelled(ranked[0][0].strip(), first=first, delay_s=reply.delay_s, usage=reply.usage)
+
+    return wrapped

@@ -89,8 +89,11 @@ def test_under_a_quarter_of_the_mass_gives_none_and_exactly_a_quarter_is_kept():
 
 
 def test_code_and_refusal_labels_when_most_probable():
-    assert score_top_logprobs(lp({"CODE": 0.6, "50": 0.4})) == (None, pytest.approx(0.4), "CODE")
-    assert score_top_logprobs(lp({"30": 0.3, " refusal": 0.7})) == (None, pytest.approx(0.3), "REFUSAL")
+    # The label is recorded beside the score; it drops the score only when the number tokens
+    # carry under a quarter of the mass (here they carry 0.4 and 0.3, so the scores stand).
+    assert score_top_logprobs(lp({"CODE": 0.6, "50": 0.4})) == (50.0, pytest.approx(0.4), "CODE")
+    assert score_top_logprobs(lp({"30": 0.3, " refusal": 0.7})) == (30.0, pytest.approx(0.3), "REFUSAL")
+    assert score_top_logprobs(lp({"CODE": 0.8, "50": 0.2})) == (None, pytest.approx(0.2), "CODE")
     # A label that is not the most probable token does not override the number.
     score, _, label = score_top_logprobs(lp({"80": 0.9, "REFUSAL": 0.1}))
     assert score == pytest.approx(80.0) and label is None
