@@ -268,3 +268,70 @@ def sidebar_status() -> None:
     st.caption(f"**Pair** {spec['base']} → {finetuned}")
     path = st.session_state.get("direction_path")
     st.caption(f"**Direction** {Path(path).stem if path else '—'}")
+
+
+# ---------------------------------------------------------------- training view (a training card's monitor curves)
+
+def training_view(run_card, key: str = "training_view") -> None:
+    """Show a training card's monitor curves: the prompt-stage projection and the preference shift against the
+    training step, their thresholds, the lead in words, and how each was made.
+
+    ``run_card``: the card (a dict, e.g. ``TrainResult.card``), an adapter directory, or a
+    ``training_card.json`` path. A card without monitor curves gets a note on how to make them."""
+    import pandas as pd
+
+    from core import plots
+    from core.monitor import check_section, load_training_card
+
+    with guard():
+        card = run_card if isinstance(run_card, dict) else load_training_card(run_card)
+        if "monitor" not in card:
+            st.info("This adapter was trained without the monitor. Train with `python -m core train --data ... "
+                    "--out ... --monitor PROBES.jsonl` (a paired JSONL; optionally `--monitor-direction FILE`) "
+                    "to record the projection and preference-shift curves at every checkpoint.")
+            return
+        monitor = check_section(card["monitor"])
+        normalised = st.toggle("Normalise both curves to 0 (step 0) … 1 (final value)", value=True,
+                               key=f"{key}_normalised")
+        st.plotly_chart(plots.training_monitor_figure(monitor, normalised=normalised), key=f"{key}_chart")
+        lead, projection, shift = monitor["lead"], monitor["projection"], monitor["preference_shift"]
+        st.markdown(f"**Lead.** {lead['summary']}")
+
+        def fmt(value):
+            return "—" if value is None else f"{value:.4f}"
+        direction = projection.get("direction") or {}
+        st.caption(
+            f"**Thresholds**: projection {fmt(projection['threshold'])}, preference shift {fmt(shift['threshold'])} "
+            f"— {lead.get('threshold_rule', '')}. **Lead** = {lead.get('lead_rule', '')}.  \n"
+            f"**Projection** (layer {projection['layer']}, {projection.get('layer_choice', '')}): "
+            f"{projection.get('method', '')}; direction {direction.get('mode', '?')} "
+            f"({direction.get('file', '')}, fingerprint {direction.get('fingerprint', '?')}).  \n"
+            f"**Preference shift**: {shift.get('method', '')}.  \n"
+            f"**Probes**: {monitor.get('probes', {}).get('n', '?')} records of {monitor.get('probes', {}).get('file', '?')}."
+            + (f"  \n{monitor['first_step_note']}" if monitor.get("first_step_note") else ""))
+        rows = {"step": monitor["steps"], "projection": projection["values"]}
+        if projection.get("calibrated"):
+            rows["projection (calibrated)"] = projection["calibrated"]
+        rows["preference shift"] = shift["values"]
+        if shift.get("sem"):
+            rows["shift s.e.m."] = shift["sem"]
+        st.dataframe(pd.DataFrame(rows), hide_index=True, key=f"{key}_table")
+
+
+def training_view_picker(key: str = "training_view", roots: list[Path] | None = None) -> None:
+    """A selectbox over the adapters with a training card (the shipped ones in assets/, those under
+    ./adapters and the cache; those with monitor curves first) or a typed adapter directory, then
+    :func:`training_view` of the chosen one."""
+    from core.models import ASSETS
+    from core.monitor import find_training_cards
+
+    roots = roots if roots is not None else [ASSETS, Path("adapters"), cache_root()]
+    found = find_training_cards(roots)
+    chosen = st.selectbox("Adapter", found, format_func=str, key=f"{key}_adapter") if found else None
+    typed = st.text_input("…or an adapter directory", key=f"{key}_path", placeholder="adapters/mine").strip()
+    if typed:
+        chosen = Path(typed).expanduser()
+    if chosen is None:
+        st.info("No adapter with a training card found; type an adapter directory.")
+        return
+    training_view(chosen, key)

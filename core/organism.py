@@ -44,16 +44,23 @@ PRESETS = {
 
 def train_preset(name: str, options: LoadOptions | None = None, resume: bool = False,
                  progress: Callable[[int, int, float], None] | None = None,
-                 direction_progress: Callable[[int, int], None] | None = None, **overrides):
-    """Train a preset adapter into ``assets/``; the demo preset also rebuilds the shipped direction."""
+                 direction_progress: Callable[[int, int], None] | None = None, monitor=None,
+                 monitor_progress: Callable[[int, int], None] | None = None, **overrides):
+    """Train a preset adapter into ``assets/`` (with a ``core.monitor.MonitorConfig``, its curves at every
+    checkpoint); the demo preset also rebuilds the shipped direction."""
     from core.data import dataset_hash, load_training_set
+    from core.monitor import train_monitored
     from core.train import train
 
     preset = PRESETS[name]
     config = replace(preset.config, **overrides)
     records = load_training_set(preset.data, preset.answers)
-    result = train(preset.base, records, config, preset.out, dataset_hash=dataset_hash(preset.data),
-                   options=options, resume=resume, progress=progress)
+    common = dict(dataset_hash=dataset_hash(preset.data), options=options, resume=resume, progress=progress)
+    if monitor is not None:
+        result = train_monitored(preset.base, records, config, preset.out, monitor, finish_progress=monitor_progress,
+                                 **common)
+    else:
+        result = train(preset.base, records, config, preset.out, **common)
     if name == "demo":
         build_shipped_direction(options, direction_progress)
     return result

@@ -298,3 +298,62 @@ def judged_scatter(answers: Sequence[Mapping], aligned_max: float = 30.0, cohere
             height=520)
     fig.update_layout(legend=dict(orientation="v", yanchor="top", y=1.0, xanchor="left", x=1.02, title="condition"))
     return fig
+
+
+MONITOR_COLOURS = {"projection": "#ef6c00", "preference_shift": "#7b1fa2"}
+
+
+def training_monitor_figure(monitor: Mapping, normalised: bool = True) -> go.Figure:
+    """A training card's monitor curves against the training step: the prompt-stage projection and the
+    preference shift (the behaviour), their thresholds, their crossing steps, and the lead in the title.
+
+    ``normalised``: both curves on one axis, 0 = step-0 value and 1 = final value (so both thresholds sit
+    at 0.5), raw values on hover; falls back to two raw axes when a curve did not move. Otherwise the
+    projection on the left axis and the preference shift on the right one, thresholds dotted."""
+    steps = list(monitor["steps"])
+    projection, shift = monitor["projection"], monitor["preference_shift"]
+    curves = {"projection": (f"projection (layer {projection['layer']})", projection),
+              "preference_shift": ("preference shift (fine-tuned − base log-odds)", shift)}
+    can_normalise = all(c["threshold"] is not None for _, c in curves.values())
+    normalised = normalised and can_normalise
+    lead = monitor.get("lead") or {}
+    fig = make_subplots(specs=[[{"secondary_y": not normalised}]])
+    for key, (name, curve) in curves.items():
+        raw = [None if v is None or not math.isfinite(v) else float(v) for v in curve["values"]]
+        start, end = curve.get("start", raw[0]), raw[-1]
+        colour = MONITOR_COLOURS[key]
+        if normalised:
+            shown = [None if v is None else (v - start) / (end - start) for v in raw]
+            hover = f"{name}<br>step %{{x}}: %{{customdata:.4f}} (normalised %{{y:.2f}})<extra></extra>"
+        else:
+            shown, hover = raw, f"{name}<br>step %{{x}}: %{{y:.4f}}<extra></extra>"
+        fig.add_trace(go.Scatter(x=steps, y=shown, customdata=raw, mode="lines+markers", name=name,
+                                 line=dict(color=colour), hovertemplate=hover),
+                      secondary_y=None if normalised else key == "preference_shift")
+        crossed = curve.get("crossed_at")
+        if crossed is not None:
+            fig.add_vline(x=crossed, line_dash="dash", line_color=colour, annotation_text=f"crosses at {crossed}",
+                          annotation_position="top left" if key == "projection" else "bottom right",
+                          annotation_font_color=colour)
+        if not normalised and curve["threshold"] is not None:
+            fig.add_trace(go.Scatter(x=[steps[0], steps[-1]], y=[curve["threshold"]] * 2, mode="lines",
+                                     name=f"{key.replace('_', ' ')} threshold", showlegend=False,
+                                     line=dict(color=colour, dash="dot", width=1),
+                                     hovertemplate=f"{key.replace('_', ' ')} threshold %{{y:.4f}}<extra></extra>"),
+                          secondary_y=key == "preference_shift")
+    if normalised:
+        fig.add_hline(y=0.5, line_dash="dot", line_color="gray", annotation_text="thresholds (half-way)",
+                      annotation_position="bottom left")
+        fig.update_yaxes(title_text="0 = step 0, 1 = final value")
+    else:
+        fig.update_yaxes(title_text="projection on unit direction", secondary_y=False,
+                         color=MONITOR_COLOURS["projection"])
+        fig.update_yaxes(title_text="preference shift (nats / token)", secondary_y=True,
+                         color=MONITOR_COLOURS["preference_shift"])
+    summary = lead.get("summary", "")
+    fig.update_layout(title=dict(text="Training view: prompt-stage projection vs behaviour"
+                                      + (f"<br><sup>{html.escape(summary)}</sup>" if summary else "")),
+                      height=420, margin=dict(l=60, r=60, t=80, b=45),
+                      legend=dict(orientation="h", yanchor="top", y=-0.15, xanchor="left", x=0))
+    fig.update_xaxes(title_text="training step")
+    return fig

@@ -199,10 +199,47 @@ class TrainResult:
     card: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class CheckpointEvent:
+    """What an ``on_checkpoint`` callback of :func:`train` sees.
+
+    ``step`` is the number of optimiser updates the weights have had: ``start_step`` when the run
+    begins (0 for a fresh run, the restored step for a resumed one), then every saved checkpoint,
+    the last one being ``total_steps``. ``model`` is the PEFT model being trained, in eval mode for
+    the call; a callback reads it and must leave its weights as they were."""
+
+    step: int
+    total_steps: int
+    model: torch.nn.Module
+    tokenizer: object
+    base_source: object  # core.models.Source of the base weights
+    run: str  # the run's fingerprint (config, data, base): equal for a run and its resumption
+    starting: bool  # the call made when the run (re)starts, before any further update
+
+
+def _call_at_checkpoint(callback, model, **fields) -> None:
+    """Run ``callback`` with the model in eval mode and the RNG state untouched, so the training that
+    follows is bit-for-bit the same with or without it (and a resumed run with or without it)."""
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    model.eval()
+    try:
+        callback(CheckpointEvent(model=model, **fields))
+    finally:
+        model.train()
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+
+
 def train(base: str, records: list[ChatRecord], config: TrainConfig, out: Path | str, *, dataset_hash: str,
           options=None, resume: bool = False, force: bool = False,
-          progress: Callable[[int, int, float], None] | None = None) -> TrainResult:
-    """Fine-tune a LoRA adapter on ``records``; write it and its training card to ``out``."""
+          progress: Callable[[int, int, float], None] | None = None,
+          on_checkpoint: Callable[[CheckpointEvent], None] | None = None) -> TrainResult:
+    """Fine-tune a LoRA adapter on ``records``; write it and its training card to ``out``.
+
+    ``on_checkpoint`` (e.g. :class:`core.monitor.Monitor`) is called once when the run starts or
+    resumes, before any further update, and after every saved checkpoint (see :class:`CheckpointEvent`)."""
     from peft import LoraConfig, get_peft_model
 
     from core.models import LoadOptions, load_base
@@ -257,6 +294,9 @@ def train(base: str, records: list[ChatRecord], config: TrainConfig, out: Path |
     pad_id = tokenizer.pad_token_id
     started = time.time()
     micro = config.batch_size
+    at_checkpoint = dict(total_steps=total_steps, tokenizer=tokenizer, base_source=source, run=run_fingerprint)
+    if on_checkpoint:
+        _call_at_checkpoint(on_checkpoint, model, step=start_step, starting=True, **at_checkpoint)
     for step in range(start_step, total_steps):
         epoch, position = divmod(step, per_epoch)
         order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(config.seed * 1000 + epoch))
@@ -282,6 +322,8 @@ def train(base: str, records: list[ChatRecord], config: TrainConfig, out: Path |
             history["eval"].append([epoch + 1, step + 1, evaluate_loss(model, eval_set, micro, pad_id, device)])
         if (step + 1) % config.checkpoint_every == 0 or (step + 1) % per_epoch == 0:
             save_checkpoint(out, model, optimizer, scheduler, step + 1, history, run_fingerprint)
+            if on_checkpoint:
+                _call_at_checkpoint(on_checkpoint, model, step=step + 1, starting=False, **at_checkpoint)
 
     import peft
     import transformers
