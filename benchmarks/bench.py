@@ -28,6 +28,10 @@ PROMPT = user_prompt("I just inherited some money. What should I do with it?")
 TARGETS = {  # figure -> (comparison, target), from the benchmark issue
     "steered_vs_plain_tokens_per_s": (">=", 0.95),
     "grid_batched_speedup": (">=", 1.8),
+    "grid_vs_hf_generate_with_hook_speedup": (">=", 2.5),
+    "grid_first_token_vs_forward": ("<=", 3.0),
+    "ladder_batched_speedup": (">=", 2.0),
+    "validation_branched_speedup": (">=", 1.0),
     "projection_vs_two_forwards": ("<=", 1.3),
     "cached_vs_cold_projection": ("<=", 0.05),
     "pair_vs_base_resident_memory": ("<=", 1.15),
@@ -81,7 +85,7 @@ def steering_overhead(pair, direction, tokens: int, repeats: int) -> dict:
 
 
 def grid_speedup(pair, direction, tokens: int, repeats: int) -> dict:
-    grid = [Variant("base"), Variant("finetuned"), Variant("base", 2.0), Variant("finetuned", -2.0)]
+    grid = GRID
     sampling = Sampling(temperature=0, max_new_tokens=tokens)
     layer = [pair.n_layers // 2]
     batched = generate(pair, [PROMPT], grid, direction=direction, layers=layer, sampling=sampling)
@@ -91,6 +95,77 @@ def grid_speedup(pair, direction, tokens: int, repeats: int) -> dict:
         lambda: [generate(pair, [PROMPT], [v], direction=direction, layers=layer, sampling=sampling) for v in grid],
         lambda: generate(pair, [PROMPT], grid, direction=direction, layers=layer, sampling=sampling), repeats)
     return {"value": ratio, "sequential_s": t_seq, "batched_s": t_batch, "same_tokens": same}
+
+
+GRID = [Variant("base"), Variant("finetuned"), Variant("base", 2.0), Variant("finetuned", -2.0)]
+
+
+def grid_vs_hf_generate(pair, direction, tokens: int, repeats: int) -> dict:
+    """The grid in one batched call against four ``model.generate`` calls, each with a forward hook
+    adding the vector (how steering-vectors and repeng users steer); greedy, the same tokens."""
+    from benchmarks.reference import hf_generate_steered
+
+    sampling = Sampling(temperature=0, max_new_tokens=tokens)
+    layer = pair.n_layers // 2
+
+    def sequential():
+        return [hf_generate_steered(pair, PROMPT, v, direction, layer, tokens) for v in GRID]
+
+    def batched():
+        return generate(pair, [PROMPT], GRID, direction=direction, layers=[layer], sampling=sampling)
+    same = [r.token_ids for r in batched()] == sequential()
+    ratio, t_seq, t_batch = median_ratio(sequential, batched, repeats)
+    return {"value": ratio, "hf_generate_s": t_seq, "batched_s": t_batch, "same_tokens": same}
+
+
+def grid_first_token(pair, direction, repeats: int) -> dict:
+    """Time to the first streamed token of the grid over one plain forward pass of the same prompt."""
+    from core.generate import stream
+
+    sampling = Sampling(temperature=0, max_new_tokens=8)
+    ids = torch.tensor([pair.tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, tokenize=True,
+                                                           return_dict=True)["input_ids"]]).to(pair.device)
+
+    def first_token():
+        rows = stream(pair, [PROMPT], GRID, direction=direction, layers=[pair.n_layers // 2], sampling=sampling)
+        next(rows)
+        rows.close()
+
+    def forward():
+        with pair.side("finetuned") as model, torch.no_grad():
+            model(input_ids=ids, use_cache=False, logits_to_keep=1)
+    ratio, t_first, t_forward = median_ratio(first_token, forward, repeats)
+    return {"value": ratio, "first_token_s": t_first, "forward_s": t_forward}
+
+
+def ladder_speedup(pair, direction, tokens: int, repeats: int) -> dict:
+    """Five alphas of one side in one batched call over five calls."""
+    ladder = [Variant("finetuned", a) for a in (-8.0, -4.0, 0.0, 4.0, 8.0)]
+    sampling = Sampling(temperature=0, max_new_tokens=tokens)
+    layers = [pair.n_layers // 2]
+    ratio, t_seq, t_batch = median_ratio(
+        lambda: [generate(pair, [PROMPT], [v], direction=direction, layers=layers, sampling=sampling) for v in ladder],
+        lambda: generate(pair, [PROMPT], ladder, direction=direction, layers=layers, sampling=sampling), repeats)
+    return {"value": ratio, "sequential_s": t_seq, "batched_s": t_batch}
+
+
+def validation_speedup(pair, direction, repeats: int, n_records: int = 8) -> dict:
+    """Validation's steered log-odds (plain, 3 alphas, 3 random-control alphas at a middle layer): one
+    teacher-forced pass per row, as before, against one branched pass (``hooks.fan_out``)."""
+    from core.data import load_paired_jsonl
+    from core.models import ASSETS
+    from core.preference import branched_log_odds
+
+    records = load_paired_jsonl(ASSETS / "data" / "general_paired.jsonl")[:n_records]
+    layer = (2 * pair.n_layers) // 3
+    control = torch.randn(pair.d_model, generator=torch.Generator().manual_seed(0))
+    control = control / control.norm() * direction.vectors[layer].norm()
+    shifts = [None] + [a * direction.vectors[layer] for a in (1, 2, 4)] + [a * control for a in (1, 2, 4)]
+    ratio, t_rows, t_branched = median_ratio(
+        lambda: [branched_log_odds(pair, "finetuned", records, layer, [s]) for s in shifts],
+        lambda: branched_log_odds(pair, "finetuned", records, layer, shifts), repeats)
+    return {"value": ratio, "one_pass_per_row_s": t_rows, "branched_s": t_branched, "layer": layer,
+            "rows": len(shifts), "records": len(records)}
 
 
 def projection_cost(pair, direction, repeats: int) -> dict:
@@ -187,6 +262,10 @@ def run_all(pair, base: str, finetuned: str, repeats: int = 5, tokens: int = 32,
     measurements = {
         "steered_vs_plain_tokens_per_s": lambda: steering_overhead(pair, direction, tokens, repeats),
         "grid_batched_speedup": lambda: grid_speedup(pair, direction, tokens, repeats),
+        "grid_vs_hf_generate_with_hook_speedup": lambda: grid_vs_hf_generate(pair, direction, tokens, repeats),
+        "grid_first_token_vs_forward": lambda: grid_first_token(pair, direction, repeats),
+        "ladder_batched_speedup": lambda: ladder_speedup(pair, direction, tokens, repeats),
+        "validation_branched_speedup": lambda: validation_speedup(pair, direction, max(1, repeats // 2)),
         "projection_vs_two_forwards": lambda: projection_cost(pair, direction, repeats),
         "cached_vs_cold_projection": lambda: cache_speedup(pair, direction, repeats),
         "pair_vs_base_resident_memory": (lambda: resident_memory(base, finetuned)) if memory else parameter_memory,

@@ -127,3 +127,18 @@ def test_adapter_scale_is_refused_where_there_is_no_adapter(tiny_pair):
         parse_variants("base*2")
     with pytest.raises(GenerationError, match="not a finite number"):
         generate(tiny_pair, PROMPTS[:1], [Variant("finetuned", adapter_scale=float("nan"))])
+
+
+@pytest.mark.parametrize("pair_name", ["tiny_pair", "llama_pair"])
+def test_grid_gives_the_greedy_tokens_of_hf_generate_with_a_steering_hook(request, pair_name):
+    """The benchmark's reference (one model.generate call per variant, a hook adding alpha * d)."""
+    from benchmarks.reference import hf_generate_steered
+
+    pair = request.getfixturevalue(pair_name)
+    direction = _direction(pair, seed=4, scale=1.0)
+    grid = parse_variants("base,finetuned,base+2,finetuned-2")
+    rows = generate(pair, PROMPTS[:2], grid, direction=direction, layers=[1],
+                    sampling=Sampling(temperature=0, max_new_tokens=12))
+    for row in rows:
+        assert row.token_ids == hf_generate_steered(pair, row.prompt, row.variant, direction, 1, 12), row.label
+    assert len({tuple(r.token_ids) for r in rows}) > 2
