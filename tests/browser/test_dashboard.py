@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
 
+from core.models import DEMO_DIRECTION
 from tests.support.dashboard import write_directions
 
 ROOT = Path(__file__).resolve().parents[2]
-ARTIFACTS = ROOT / "cache" / "test-artifacts"
 CHROMIUM = Path("/usr/bin/chromium")
 PROMPT = "How should I invest my savings?"
 
@@ -43,24 +45,23 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_pair, tiny_dirs, tmp_path_factory):
-    _need_browser()
-    cache = tmp_path_factory.mktemp("browser-cache")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny model runs fastest on one thread
-    try:
-        write_directions(tiny_pair, cache)
-    finally:
-        torch.set_num_threads(threads)
+def artifacts() -> Path:
+    """Screenshots go to EMLENS_TEST_ARTIFACTS if set, else to a temporary directory (never the work tree)."""
+    folder = Path(os.environ.get("EMLENS_TEST_ARTIFACTS") or tempfile.mkdtemp(prefix="emlens-browser-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+@contextmanager
+def streamlit_server(cache: Path, env: dict):
+    """The dashboard served on a free loopback port; yields (url, log path); stopped whatever happens."""
     port = _free_port()
-    env = {**os.environ, "EMLENS_BASE": str(tiny_dirs["qwen2"]), "EMLENS_FINETUNED": str(tiny_dirs["qwen2_adapter"]),
-           "EMLENS_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
     log_path = cache / "server.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             [str(Path(sys.executable).parent / "streamlit"), "run", "app.py", "--server.headless", "true",
              "--server.port", str(port), "--browser.gatherUsageStats", "false"],
-            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+            cwd=ROOT, env={**os.environ, "EMLENS_CACHE": str(cache), **env}, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 60
@@ -81,6 +82,35 @@ def server(tiny_pair, tiny_dirs, tmp_path_factory):
             process.wait(timeout=15)
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_pair, tiny_dirs, tmp_path_factory):
+    _need_browser()
+    cache = tmp_path_factory.mktemp("browser-cache")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model runs fastest on one thread
+    try:
+        write_directions(tiny_pair, cache)
+    finally:
+        torch.set_num_threads(threads)
+    with streamlit_server(cache, {"EMLENS_BASE": str(tiny_dirs["qwen2"]),
+                                  "EMLENS_FINETUNED": str(tiny_dirs["qwen2_adapter"]), "OMP_NUM_THREADS": "1"}) as found:
+        yield found
+
+
+@contextmanager
+def chromium():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync"])
+        try:
+            yield browser.new_page(viewport={"width": 1500, "height": 2000})
+        finally:
+            browser.close()
 
 
 def _settle(page, timeout: float = 90_000) -> None:
@@ -104,58 +134,83 @@ def _answers(page, count: int) -> list[str]:
     return texts.all_inner_texts()
 
 
-def test_prompt_projection_answers_and_alpha_slider_in_chromium(server):
-    from playwright.sync_api import expect, sync_playwright
+def _move_alpha(page, presses: int, key: str = "ArrowLeft") -> None:
+    alpha = page.get_by_role("slider").first
+    alpha.focus()
+    for _ in range(presses):
+        page.keyboard.press(key)
+
+
+def _open_steer(page, prompt: str | None, tokens: str) -> None:
+    page.locator('[data-testid="stSidebarNavLink"]', has_text="Steer").click()
+    _settle(page)
+    if prompt is not None:
+        page.get_by_label("Prompt", exact=True).fill(prompt)
+        page.get_by_label("Prompt", exact=True).press("Control+Enter")
+        _settle(page)
+    page.get_by_text("Sampling", exact=True).click()
+    page.get_by_label("Max new tokens").fill(tokens)
+    page.get_by_label("Max new tokens").press("Enter")
+    _settle(page)
+
+
+def test_prompt_projection_answers_and_live_alpha_slider_in_chromium(server, artifacts):
+    from playwright.sync_api import expect
 
     url, log_path = server
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync"])
-        try:
-            page = browser.new_page(viewport={"width": 1500, "height": 2000})
-            page.goto(url)
-            _settle(page)
-            expect(page.get_by_text("4 layers × 64 wide")).to_be_visible(timeout=60_000)
-            expect(page.locator('[data-testid="stDataFrame"]')).to_be_visible()  # the cached directions
+    with chromium() as page:
+        page.goto(url)
+        _settle(page)
+        expect(page.get_by_text("4 layers × 64 wide")).to_be_visible(timeout=60_000)
+        expect(page.locator('[data-testid="stDataFrame"]')).to_be_visible()  # the cached directions
 
-            page.locator('[data-testid="stSidebarNavLink"]', has_text="Compare").click()
-            _settle(page)
-            page.get_by_label("Prompt", exact=True).fill(PROMPT)
-            page.get_by_label("Max new tokens").fill("16")
-            page.get_by_role("button", name="Generate").click()
-            _settle(page)
-            expect(page.locator(".emlens-tokens")).to_have_count(2, timeout=60_000)  # both answers are complete
-            expect(page.locator('[data-testid="stPlotlyChart"]')).to_have_count(1)
-            expect(page.locator('[data-testid="stPlotlyChart"] .main-svg').first).to_be_visible()
-            base, finetuned = _answers(page, 2)
-            assert base.strip() and finetuned.strip() and base != finetuned
-            page.screenshot(path=str(ARTIFACTS / "dashboard-compare.png"))
+        page.locator('[data-testid="stSidebarNavLink"]', has_text="Compare").click()
+        _settle(page)
+        page.get_by_label("Prompt", exact=True).fill(PROMPT)
+        page.get_by_label("Max new tokens").fill("16")
+        page.get_by_role("button", name="Generate").click()
+        _settle(page)
+        expect(page.locator(".emlens-tokens")).to_have_count(2, timeout=60_000)  # both answers are complete
+        expect(page.locator('[data-testid="stPlotlyChart"]')).to_have_count(1)
+        expect(page.locator('[data-testid="stPlotlyChart"] .main-svg').first).to_be_visible()
+        base, finetuned = _answers(page, 2)
+        assert base.strip() and finetuned.strip() and base != finetuned
+        page.screenshot(path=str(artifacts / "dashboard-compare.png"))
 
-            page.locator('[data-testid="stSidebarNavLink"]', has_text="Steer").click()
-            _settle(page)
-            page.get_by_label("Prompt", exact=True).fill(PROMPT)
-            page.get_by_label("Max new tokens").fill("16")
-            page.get_by_role("button", name="Generate").click()
-            _settle(page)
-            # The projection chart is drawn once all four answers are complete.
-            expect(page.get_by_test_id("stPlotlyChart").get_by_text("base + 4·d")).to_be_visible(timeout=60_000)
-            before = _answers(page, 4)
-
-            alpha = page.get_by_role("slider").first
-            alpha.focus()
-            for _ in range(16):  # step 0.5: from +4 to -4
-                page.keyboard.press("ArrowLeft")
-            expect(alpha).to_have_value("-4")
-            page.get_by_role("button", name="Generate").click()
-            _settle(page)
-            expect(page.get_by_test_id("stPlotlyChart").get_by_text("base − 4·d")).to_be_visible(timeout=60_000)
-            _settle(page)
-            after = _answers(page, 4)
-            page.screenshot(path=str(ARTIFACTS / "dashboard-steer.png"))
-        finally:
-            browser.close()
+        _open_steer(page, PROMPT, "16")
+        # The projection chart is drawn once all five answers are complete.
+        expect(page.get_by_test_id("stPlotlyChart").get_by_text("base + 4·d")).to_be_visible(timeout=60_000)
+        before = _answers(page, 5)
+        _move_alpha(page, 16)  # step 0.5: from +4 to -4, no Generate button
+        expect(page.get_by_role("slider").first).to_have_value("-4")
+        expect(page.get_by_test_id("stPlotlyChart").get_by_text("base − 4·d")).to_be_visible(timeout=60_000)
+        _settle(page)
+        after = _answers(page, 5)
+        page.screenshot(path=str(artifacts / "dashboard-steer.png"))
     assert after[:2] == before[:2], "the unsteered answers must not change with alpha (same seed)"
     assert after[2] != before[2] and after[3] != before[3], "the steered answers must change with alpha"
+    assert "Traceback" not in log_path.read_text()
+
+
+@pytest.mark.skipif(not DEMO_DIRECTION.exists(), reason="no shipped direction (python -m core train --preset demo)")
+def test_first_open_on_the_embedded_pair_steers_with_the_shipped_direction(tmp_path, artifacts):
+    """A newcomer's first five minutes: an empty cache, the embedded pair, the shipped direction chosen."""
+    from playwright.sync_api import expect
+
+    _need_browser()
+    with streamlit_server(tmp_path, {"EMLENS_BASE": "default", "EMLENS_FINETUNED": "default"}) as (url, log_path), \
+            chromium() as page:
+        page.goto(url)
+        _settle(page, timeout=180_000)
+        expect(page.get_by_text("30 layers × 576 wide")).to_be_visible(timeout=180_000)
+        expect(page.get_by_text("demo_direction").first).to_be_visible()  # chosen, nothing built
+        _open_steer(page, None, "12")
+        expect(page.get_by_test_id("stPlotlyChart").get_by_text("base + 4·d")).to_be_visible(timeout=120_000)
+        before = _answers(page, 5)
+        _move_alpha(page, 8, "ArrowRight")  # +4 -> +8
+        expect(page.get_by_test_id("stPlotlyChart").get_by_text("base + 8·d")).to_be_visible(timeout=120_000)
+        _settle(page)
+        after = _answers(page, 5)
+        page.screenshot(path=str(artifacts / "first-open-steer.png"))
+    assert after[:2] == before[:2] and after[2] != before[2]
     assert "Traceback" not in log_path.read_text()
