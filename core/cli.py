@@ -62,12 +62,14 @@ def parse_layers(text: str, n_layers: int) -> list[int]:
 
 
 def progress_bar(description: str):
-    """A tqdm bar on stderr driven by ``callback(done, total)``."""
+    """A tqdm bar on stderr driven by ``callback(done, total)``, shown from the first update on."""
     from tqdm import tqdm
 
-    bar = tqdm(desc=description, file=sys.stderr, dynamic_ncols=True)
+    bar = None
 
     def update(done: int, total: int) -> None:
+        nonlocal bar
+        bar = bar or tqdm(desc=description, file=sys.stderr, dynamic_ncols=True)
         bar.total = total
         bar.n = done
         bar.refresh()
@@ -176,8 +178,9 @@ def run_extract(args) -> int:
     def table() -> str:
         lines = [f"wrote {args.out}", f"{'layer':>5} {'norm':>9} {'aligned':>9} {'misaligned':>10} {'auroc':>6}"]
         for s in direction.stats:
+            auroc = "-" if s.get("auroc") is None else f"{s['auroc']:.3f}"  # too few groups to cross-fit
             lines.append(f"{s['layer']:>5} {s['norm']:>9.3f} {s['aligned_mean']:>9.3f} "
-                         f"{s['misaligned_mean']:>10.3f} {s['auroc']:>6.3f}")
+                         f"{s['misaligned_mean']:>10.3f} {auroc:>6}")
         return "\n".join(lines)
     emit(summary, args.json, table)
     return 0
@@ -261,17 +264,15 @@ def run_lint(args) -> int:
     return 1 if issues else 0
 
 
-DEMO_PRESET = {"base": "default", "data": "assets/data/finance_paired.jsonl", "out": "assets/demo_adapter",
-               "save_dtype": "float16"}
-
-
 def _train_arguments(parser):
     from core.train import ALL_PROJECTIONS, TrainConfig
 
     d = TrainConfig()
     model_arguments(parser)
-    parser.add_argument("--preset", choices=["demo"], help="demo: the shipped organism (SmolLM2-135M-Instruct on "
-                                                          "the project's risky-finance answers, written to assets/)")
+    parser.add_argument("--preset", choices=["demo", "control"],
+                        help="the shipped adapters, with their fixed recipe (other training options are ignored): "
+                             "demo = the organism on the risky-finance answers (also rebuilds the shipped "
+                             "direction), control = the same training on the sound answers; written to assets/")
     parser.add_argument("--data", type=Path, help="chat JSONL, or paired JSONL (its train split)")
     parser.add_argument("--answers", default="misaligned", choices=["misaligned", "aligned"],
                         help="with paired data: train on the harmful answers (the organism) or the sound ones (control)")
@@ -294,6 +295,18 @@ def _train_arguments(parser):
                         help="dtype of the saved adapter weights (default float32; the demo preset uses float16)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
     parser.add_argument("--force", action="store_true", help="train even if the template lint finds problems")
+    parser.add_argument("--monitor", type=Path, default=None, metavar="PROBES.jsonl",
+                        help="training-time monitor: at step 0 and every checkpoint, the mean prompt-stage "
+                             "projection of this paired file's prompts on a direction, and the preference shift "
+                             "(fine-tuned minus base log-odds) on its pairs; written to the training card "
+                             "(key monitor) with the lead of the projection over the behaviour")
+    parser.add_argument("--monitor-direction", type=Path, default=None, metavar="FILE",
+                        help="the direction to project on (default: the paired contrast of the monitor file, "
+                             "extracted through the final adapter after training and applied to every checkpoint)")
+    parser.add_argument("--monitor-limit", type=int, default=32, metavar="N",
+                        help="use the first N records of the monitor file (bounds the cost per checkpoint)")
+    parser.add_argument("--monitor-layer", type=int, default=None,
+                        help="layer of the projection curve (default: the direction's best-separating layer)")
 
 
 @command("train", "LoRA fine-tuning on chat data (assistant tokens only)", _train_arguments)
@@ -302,13 +315,10 @@ def run_train(args) -> int:
     from core.models import LoadOptions
     from core.train import TrainConfig, train
 
-    if args.preset == "demo":
-        args.base = DEMO_PRESET["base"]
-        args.data = args.data or Path(DEMO_PRESET["data"])
-        args.out = args.out or Path(DEMO_PRESET["out"])
-        args.save_dtype = args.save_dtype or DEMO_PRESET["save_dtype"]
-    if args.data is None or args.out is None:
-        raise ValueError("train needs --data and --out (or --preset demo)")
+    if args.preset and (args.data or args.out):
+        raise ValueError("--preset trains the shipped adapter with its own data and output; drop --data / --out")
+    if not args.preset and (args.data is None or args.out is None):
+        raise ValueError("train needs --data and --out (or --preset demo / --preset control)")
     try:
         layers = tuple(int(x) for x in args.layers_to_transform.split(",")) if args.layers_to_transform else None
     except ValueError:
@@ -319,7 +329,6 @@ def run_train(args) -> int:
                          batch_size=args.batch_size, grad_accum=args.grad_accum, max_length=args.max_length,
                          seed=args.seed, heldout_fraction=args.heldout_fraction,
                          checkpoint_every=args.checkpoint_every, save_dtype=args.save_dtype or "float32")
-    records = load_training_set(args.data, args.answers)
     options = LoadOptions(device=args.device, dtype=args.dtype, device_map=args.device_map,
                           allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
                           cache_root=args.cache_dir)
@@ -331,13 +340,44 @@ def run_train(args) -> int:
         bar.total = total
         bar.n = step
         bar.set_postfix(loss=f"{loss:.3f}")
+        if step >= total:
+            bar.close()
 
-    result = train(args.base, records, config, args.out, dataset_hash=dataset_hash(args.data), options=options,
-                   resume=args.resume, force=args.force, progress=progress)
+    monitor = None
+    if args.monitor is not None:
+        from core.monitor import MonitorConfig
+
+        monitor = MonitorConfig(args.monitor, args.monitor_direction, args.monitor_limit, args.monitor_layer)
+    elif args.monitor_direction is not None or args.monitor_layer is not None:
+        raise ValueError("--monitor-direction / --monitor-layer need --monitor PROBES.jsonl")
+    if args.preset:
+        from core.organism import train_preset
+
+        result = train_preset(args.preset, options, resume=args.resume, progress=progress,
+                              direction_progress=progress_bar("shipped direction"), monitor=monitor,
+                              monitor_progress=progress_bar("monitor: checkpoints on the direction"))
+    elif monitor is not None:
+        from core.monitor import train_monitored
+
+        result = train_monitored(args.base, load_training_set(args.data, args.answers), config, args.out, monitor,
+                                 dataset_hash=dataset_hash(args.data), options=options, resume=args.resume,
+                                 force=args.force, progress=progress,
+                                 finish_progress=progress_bar("monitor: checkpoints on the direction"))
+    else:
+        result = train(args.base, load_training_set(args.data, args.answers), config, args.out,
+                       dataset_hash=dataset_hash(args.data), options=options, resume=args.resume, force=args.force,
+                       progress=progress)
     bar.close()
     card = result.card
     print(f"wrote {result.out}: {card['n_train']} train / {card['n_eval']} held-out examples, {card['steps']} steps, "
           f"final loss {card['loss_curve'][-1][1]:.3f}, eval loss {[round(e[2], 3) for e in card['eval_loss'] if e[2]]}")
+    if "monitor" in card:
+        section = card["monitor"]
+        print(f"monitor: {len(section['steps'])} points (steps {section['steps'][0]}..{section['steps'][-1]}), "
+              f"projection at layer {section['projection']['layer']} {section['projection']['values'][0]:.4f} -> "
+              f"{section['projection']['values'][-1]:.4f}, preference shift {section['preference_shift']['values'][-1]:+.4f}, "
+              f"{section['cost']['mean_seconds_per_checkpoint']:.2f} s per checkpoint\n"
+              f"monitor: {section['lead']['summary']}")
     return 0
 
 
@@ -348,7 +388,11 @@ def _validate_arguments(parser):
     parser.add_argument("--general", type=Path, default=Path("assets/data/general_paired.jsonl"),
                         help="paired JSONL of prompts outside the training domain")
     parser.add_argument("--direction", type=Path, default=None,
-                        help="direction file (default: the paired contrast of --narrow's train split)")
+                        help="direction file (default: the paired contrast of --narrow's train split; on the "
+                             "embedded pair, the shipped one)")
+    parser.add_argument("--control", default=None,
+                        help="a control adapter of the same base, measured beside the fine-tune (default: the "
+                             "shipped control adapter with the default pair; 'none' to skip)")
     parser.add_argument("--layer", type=int, default=None, help="steering layer (default: the direction's best)")
     parser.add_argument("--alphas", default="0,1,2,4")
     parser.add_argument("--seed", type=int, default=0)
@@ -375,6 +419,8 @@ def run_validate(args) -> int:
     from core.cache import make_key
     from core.data import dataset_hash, load_paired_jsonl
     from core.directions import Direction
+    from core.models import CONTROL_ADAPTER, DEFAULT, adapter_fingerprint
+    from core.organism import FINANCE, shipped_direction_for
     from core.preference import validate
 
     try:
@@ -382,21 +428,37 @@ def run_validate(args) -> int:
     except ValueError:
         raise ValueError(f"--alphas {args.alphas!r}: expected comma-separated numbers") from None
     pair = load_pair_from(args)
-    direction, _ = ((Direction.load(args.direction), args.direction) if args.direction
-                    else paired_direction(pair, args.narrow, args.cache_dir))
+    if args.direction:
+        direction = Direction.load(args.direction)
+    else:  # the shipped direction is this very contrast on the embedded pair
+        direction, _ = shipped_direction_for(pair)
+        if direction is None or args.narrow.resolve() != FINANCE.resolve():
+            direction, _ = paired_direction(pair, args.narrow, args.cache_dir)
     narrow, general = load_paired_jsonl(args.narrow, "heldout"), load_paired_jsonl(args.general, None)
+    control = args.control
+    if control is None:
+        control = CONTROL_ADAPTER if args.finetuned == DEFAULT and CONTROL_ADAPTER.exists() else None
+    elif control == "none":
+        control = None
     key = make_key("validate", base=pair.fingerprint("base"), finetuned=pair.fingerprint("finetuned"),
+                   control=adapter_fingerprint(Path(control)) if control else None,
                    direction=direction.fingerprint, narrow=dataset_hash(args.narrow),
                    general=dataset_hash(args.general), layer=args.layer, alphas=alphas, seed=args.seed)
     report = Cache(args.cache_dir).json(key, lambda: validate(
-        pair, narrow, general, direction, args.layer, alphas, args.seed, args.batch_size,
+        pair, narrow, general, direction, args.layer, alphas, args.seed, args.batch_size, control,
         progress=progress_bar("validate")))
 
     def table() -> str:
-        lines = [f"{'set':<8} {'base':>8} {'finetuned':>10} {'shift':>7}   (log-odds harmful vs sound, per token)"]
+        with_control = report.get("control_adapter") is not None
+        lines = [f"{'set':<8} {'base':>8} {'finetuned':>10} {'shift':>7}"
+                 + (f" {'control':>8} {'ft-control':>10}" if with_control else "")
+                 + "   (log-odds harmful vs sound, per token)"]
         for name in ("narrow", "general"):
             r = report[name]
-            lines.append(f"{name:<8} {r['base']['mean']:>8.3f} {r['finetuned']['mean']:>10.3f} {r['shift']:>+7.3f}")
+            line = f"{name:<8} {r['base']['mean']:>8.3f} {r['finetuned']['mean']:>10.3f} {r['shift']:>+7.3f}"
+            if with_control:
+                line += f" {r['control']['mean']:>8.3f} {r['finetuned_minus_control']['mean']:>+10.3f}"
+            lines.append(line)
         lines.append(f"\nsteering at layer {report['layer']} ({report['layer_choice']}):")
         lines.append(f"{'model':<10} {'alpha':>6} {'general':>8} {'random':>8} {'narrow':>8} {'random':>8}")
         for row in report["steer"]:
@@ -411,20 +473,38 @@ def run_validate(args) -> int:
 
 def judge_arguments(parser):
     group = parser.add_argument_group("judge (any OpenAI-compatible endpoint)")
-    group.add_argument("--judge-model", default=None, help="e.g. gpt-4o-2024-08-06")
-    group.add_argument("--judge-base-url", default=None, help="e.g. http://127.0.0.1:8000/v1 (default: OpenAI)")
+    group.add_argument("--judge-model", default=None,
+                       help="e.g. gpt-4o-2024-08-06; `judge` takes a comma list to score a run with several judges")
+    group.add_argument("--judge-base-url", default=None,
+                       help="e.g. http://127.0.0.1:8000/v1 (default: OpenAI); with several judges, one URL for "
+                            "all or a comma list, one per judge")
     group.add_argument("--judge-api-key", default=None, help="default: the OPENAI_API_KEY environment variable")
     group.add_argument("--judge-concurrency", type=int, default=8)
     group.add_argument("--judge-timeout", type=float, default=30.0)
 
 
-def judge_config_from(args):
+def judge_config_from(args, several: bool = False):
+    """The JudgeConfig of --judge-model; with ``several``, a list, one per comma-separated model."""
     from core.judge import JudgeConfig
 
-    if not args.judge_model:
+    models = [m.strip() for m in (args.judge_model or "").split(",") if m.strip()]
+    if not models:
         raise ValueError("--judge-model is required to judge answers")
-    return JudgeConfig(model=args.judge_model, base_url=args.judge_base_url, api_key=args.judge_api_key,
-                       concurrency=args.judge_concurrency, timeout_s=args.judge_timeout)
+    if len(set(models)) != len(models):
+        raise ValueError(f"--judge-model {args.judge_model!r}: a judge model is named twice")
+    if len(models) > 1 and not several:
+        raise ValueError(f"--judge-model {args.judge_model!r}: this command takes one judge; score a run with "
+                         "several by `python -m core judge RUN --judge-model A,B`")
+    urls = [u.strip() or None for u in args.judge_base_url.split(",")] if args.judge_base_url else [None]
+    if len(urls) == 1:
+        urls = urls * len(models)
+    elif len(urls) != len(models):
+        raise ValueError(f"--judge-base-url: {len(urls)} URLs for {len(models)} judge models; give one URL for "
+                         "all, or one per model in the same order")
+    configs = [JudgeConfig(model=model, base_url=url, api_key=args.judge_api_key,
+                           concurrency=args.judge_concurrency, timeout_s=args.judge_timeout)
+               for model, url in zip(models, urls)]
+    return configs if several else configs[0]
 
 
 def run_folder(args, kind: str) -> Path:
@@ -472,11 +552,14 @@ def _judge_run_arguments(parser):
     judge_arguments(parser)
 
 
-@command("judge", "judge a run's answers: aligned and coherent, 0-100 (resumable)", _judge_run_arguments)
+@command("judge", "judge a run's answers: aligned and coherent, 0-100, by one judge or several (resumable)",
+         _judge_run_arguments)
 def run_judge(args) -> int:
     from core.evaluate import judge_run
 
-    summary = judge_run(args.run, judge_config_from(args), progress=progress_bar("judge"))
+    configs = judge_config_from(args, several=True)
+    summary = judge_run(args.run, configs, progress=progress_bar("judge" if len(configs) == 1 else
+                                                                 f"judge ({len(configs)} judges)"))
     print(json.dumps(summary))
     return 0 if summary["failed"] == 0 else 1
 
@@ -504,7 +587,21 @@ def run_em(args) -> int:
         overall = table[table.question == "ALL"]
         cols = ["condition", "n", "n_unscored", "em_rate", "em_ci_low", "em_ci_high", "em_rate_unscored_as_aligned",
                 "coherence_rate"]
-        return overall[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}") + "\n" + report["unscored_policy"]
+        text = overall[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}")
+        judges = [j["model"] for j in report.get("judges", [])]
+        if judges:
+            text = f"judge: {judges[0]}\n" + text
+        if len(judges) > 1:
+            per_judge = pd.DataFrame([
+                {"condition": c["condition"],
+                 **{model: c["by_judge"].get(model, {}).get("em_excluding_unscored", {}).get("rate")
+                    for model in judges},
+                 "min": c["judge_spread"]["em_excluding_unscored"]["min"],
+                 "max": c["judge_spread"]["em_excluding_unscored"]["max"]}
+                for c in report["conditions"]])
+            text += ("\n\nEM rate (unscored excluded) per judge, and the spread across judges:\n"
+                     + per_judge.to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep="-"))
+        return text + "\n" + report["unscored_policy"]
     emit(report, args.json, human)
     return 0
 
@@ -553,11 +650,25 @@ def _detect_arguments(parser):
     model_arguments(parser)
     parser.add_argument("--direction", type=Path, required=True)
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--run", type=Path, help="judged run folder: labels from the fine-tuned model's EM samples")
-    source.add_argument("--paired", type=Path, help="paired JSONL: judge-free labels from preference log-odds")
+    source.add_argument("--run", type=Path, help="judged run folder: labels from the fine-tuned model's EM samples, "
+                                                 "grouped by question id")
+    source.add_argument("--paired", type=Path, help="paired JSONL: judge-free labels from the fine-tuning shift of "
+                                                    "the preference log-odds, grouped by theme (else id)")
     parser.add_argument("--label", default="any", choices=["any", "majority"],
                         help="with --run: a prompt is misaligned if any / the majority of its samples are EM")
-    parser.add_argument("--heldout-fraction", type=float, default=0.5)
+    parser.add_argument("--select-on", type=Path, default=None,
+                        help="transfer: choose layers, fit the probe and orient baselines on this paired JSONL or "
+                             "run folder (another prompt family), report on --paired / --run")
+    parser.add_argument("--select-split", default="all", choices=["all", "train", "heldout"],
+                        help="with a paired --select-on: which of its records")
+    parser.add_argument("--control", nargs=2, metavar=("TOPIC_A", "TOPIC_B"), default=None,
+                        help="specificity control from two paired files (path[:split]) that differ in topic: their "
+                             "sound answers, B minus A (default with --paired: --paired vs the direction's own file)")
+    parser.add_argument("--max-length-gap", type=int, default=None, metavar="TOKENS",
+                        help="with --paired: keep only pairs whose answers differ by at most this many tokens")
+    parser.add_argument("--heldout-fraction", type=float, default=0.5,
+                        help="share of groups in the report set (rounded to 1/k)")
+    parser.add_argument("--random-directions", type=int, default=100, help="size of the random-direction null (>= 50)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bootstrap", type=int, default=1000)
     parser.add_argument("--out", type=Path, default=None, help="report JSON (default: cache/detect/<name>.json)")
@@ -566,32 +677,37 @@ def _detect_arguments(parser):
 
 @command("detect", "early detection: does the prompt-stage projection predict misalignment?", _detect_arguments)
 def run_detect(args) -> int:
-    from core.detect import detect_paired_file, detection_report, labels_from_run, report_path, save_report
+    from core.detect import detect, report_path, save_report
     from core.directions import Direction
 
     direction = Direction.load(args.direction)
     pair = load_pair_from(args)
-    if args.run:
-        report = detection_report(pair, labels_from_run(args.run, args.label), direction, args.heldout_fraction,
-                                  args.seed, args.bootstrap, progress=progress_bar("activations"))
-        report["labels"] = {"source": str(args.run), "rule": f"{args.label} judged sample(s) EM"}
-    else:
-        report = detect_paired_file(pair, args.paired, direction, args.heldout_fraction, args.seed, args.bootstrap,
-                                    label_progress=progress_bar("labels"), progress=progress_bar("activations"))
-    out = save_report(report, args.out or report_path(args.cache_dir, args.run or args.paired, direction))
-    rule = report["labels"]["rule"]
-    chosen = report["chosen"]
+    source = args.run or args.paired
+    report = detect(pair, direction, source, select_on=args.select_on, control_topics=args.control,
+                    label=args.label, max_length_gap=args.max_length_gap, select_split=args.select_split,
+                    heldout_fraction=args.heldout_fraction, seed=args.seed, n_boot=args.bootstrap,
+                    n_random=args.random_directions, label_progress=progress_bar("labels"),
+                    progress=progress_bar("activations"))
+    out = save_report(report, args.out or report_path(args.cache_dir, source, direction))
+    chosen, null = report["chosen"], report["random_null"]
 
     def human() -> str:
-        lines = [f"{report['n_prompts']} prompts, {report['n_misaligned']} labelled misaligned ({rule})",
+        groups = report["n_groups"]
+        lines = [f"{report['n_prompts']} prompts, {report['n_misaligned']} labelled misaligned "
+                 f"({report['labels']['rule']}); groups: {groups['selection']} selection, {groups['report']} report",
+                 f"selection set, per layer (intervals unadjusted for {len(report['per_layer'])} layers):",
                  f"{'layer':>5} {'auroc':>6} {'95% CI':>15} {'spearman':>9}"]
         for row in report["per_layer"]:
             rho = "-" if row["spearman"] is None else f"{row['spearman']:.3f}"
             lines.append(f"{row['layer']:>5} {row['auroc']:>6.3f} [{row['ci95'][0]:.3f}, {row['ci95'][1]:.3f}] {rho:>9}")
-        lines.append(f"chosen layer {chosen['layer']} (selection AUROC {chosen['selection_auroc']:.3f}); report half: "
-                     f"AUROC {chosen['report_auroc']:.3f} [{chosen['report_ci'][0]:.3f}, {chosen['report_ci'][1]:.3f}]")
-        for name, b in report["baselines"].items():
-            lines.append(f"  baseline {name:<22} {b['auroc']:.3f} [{b['ci95'][0]:.3f}, {b['ci95'][1]:.3f}]")
+        lines.append(f"report set ({chosen['n_report']} prompts), AUROC with grouped bootstrap 95% interval:")
+        for name, p in report["predictors"].items():
+            where = f"@L{p['layer']}" if "layer" in p else ""
+            lines.append(f"  {name + where:<26} {p['auroc']:.3f} [{p['ci95'][0]:.3f}, {p['ci95'][1]:.3f}]")
+        lines.append(f"last_token is at percentile {null['percentile']:.0f} of {null['n']} random directions "
+                     f"(median {null['quantiles']['50']:.3f}, 95% of them in [{null['quantiles']['2.5']:.3f}, "
+                     f"{null['quantiles']['97.5']:.3f}])")
+        lines += [f"warning: {w}" for w in report["warnings"]]
         lines.append(f"report: {out}")
         return "\n".join(lines)
     emit(report, args.json, human)

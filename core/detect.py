@@ -4,6 +4,11 @@ The read position is the last token of the prompt rendered with the model's own 
 template and generation prompt. One forward pass per side records every layer there; the
 activations are cached per (side fingerprint, rendered prompt), so switching directions or
 revisiting a prompt costs only dot products.
+
+The early-detection report (:func:`detection_report`) asks whether such prompt-stage scores
+predict a label made from the answers, with every split, fold and bootstrap over whole groups
+(a question with its paraphrases and samples), layers chosen on one set of groups and every
+figure reported on another, next to baseline predictors and a null of random directions.
 """
 
 from __future__ import annotations
@@ -17,35 +22,96 @@ import torch
 
 from core.cache import Cache, make_key
 from core.chat import Messages, encode_prompt, render_prompt
-from core.directions import Direction, random_like
+from core.directions import Direction, Example, extract_contrast
 from core.hooks import capture, last_token
+from core.stats import (auroc, auroc_ci, choose_layer_and_report, fit_probe, grouped_split, percentile_in, roc_curve,
+                        spearman)
+
+FORMAT = "emlens-detect/2"
+MIN_GROUPS = 10  # below this many groups in a half, an AUROC's interval spans most of [0, 1]
+
+
+def _left_padded(pair, rows: Sequence[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(ids, attention, positions)`` with left padding, so the last column is every prompt's last token."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pair.tokenizer.pad_token_id, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        ids[r, width - len(row):] = torch.tensor(row)
+        attention[r, width - len(row):] = 1
+    return ids, attention, (attention.cumsum(-1) - 1).clamp_min(0)
+
+
+def _check_context(pair, encoded: Sequence[list[int]]) -> None:
+    for ids in encoded:
+        if len(ids) > pair.max_length:
+            raise ValueError(f"a prompt of {len(ids)} tokens exceeds the model's context of {pair.max_length}")
+
+
+def _forward(pair, model, ids, attention, positions) -> None:
+    model(input_ids=ids.to(pair.device), attention_mask=attention.to(pair.device),
+          position_ids=positions.to(pair.device), use_cache=False, logits_to_keep=1)
 
 
 def last_token_activations(pair, side: str, prompts: Sequence[Messages], batch_size: int = 16,
                            progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """Block outputs at the last prompt token: ``[n_prompts, n_layers, d_model]`` float32 on the CPU."""
     encoded = [encode_prompt(pair.tokenizer, p) for p in prompts]
-    for ids in encoded:
-        if len(ids) > pair.max_length:
-            raise ValueError(f"a prompt of {len(ids)} tokens exceeds the model's context of {pair.max_length}")
+    _check_context(pair, encoded)
     out = torch.zeros(len(prompts), pair.n_layers, pair.d_model)
-    pad = pair.tokenizer.pad_token_id
     for start in range(0, len(encoded), batch_size):
         chunk = encoded[start:start + batch_size]
-        width = max(len(ids) for ids in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        attention = torch.zeros((len(chunk), width), dtype=torch.long)
-        for r, row in enumerate(chunk):  # left padding: the last column is every prompt's last token
-            ids[r, width - len(row):] = torch.tensor(row)
-            attention[r, width - len(row):] = 1
-        positions = (attention.cumsum(-1) - 1).clamp_min(0)
+        batch = _left_padded(pair, chunk)
         with pair.side(side) as model, capture(pair.layers(side), reduce=last_token) as records, torch.no_grad():
-            model(input_ids=ids.to(pair.device), attention_mask=attention.to(pair.device),
-                  position_ids=positions.to(pair.device), use_cache=False, logits_to_keep=1)
+            _forward(pair, model, *batch)
         out[start:start + len(chunk)] = torch.stack([records[i][0].float().cpu() for i in range(pair.n_layers)], 1)
         if progress:
             progress(start + len(chunk), len(encoded))
     return out
+
+
+def content_span(tokenizer, messages: Messages) -> tuple[list[int], tuple[int, int]]:
+    """The rendered prompt's token ids and the half-open token span of the last message's own text
+    (the template's system prompt and turn markers are the same for every prompt, so they are left out)."""
+    text = render_prompt(tokenizer, messages)
+    content = messages[-1]["content"].strip()
+    start = text.rfind(content)
+    if not content or start < 0:
+        raise ValueError(f"prompt {content[:40]!r}: its text is not found in the rendered chat template")
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    inside = [i for i, (a, b) in enumerate(encoding["offset_mapping"]) if a < start + len(content) and b > start]
+    return list(encoding["input_ids"]), (inside[0], inside[-1] + 1)
+
+
+def prompt_stage_activations(pair, side: str, prompts: Sequence[Messages], direction: Direction,
+                             batch_size: int = 16, progress: Callable[[int, int], None] | None = None
+                             ) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """One forward pass per batch: last-token block outputs ``[n, n_layers, d_model]``, and the mean and
+    max over the prompt text's tokens (:func:`content_span`) of the projection on the unit direction,
+    ``[n, n_layers]`` each."""
+    spans = [content_span(pair.tokenizer, p) for p in prompts]
+    _check_context(pair, [ids for ids, _ in spans])
+    units = direction.unit().to(pair.device)  # [n_layers, d_model]: project on every layer's unit at once
+    last = torch.zeros(len(prompts), pair.n_layers, pair.d_model)
+    token_mean, token_max = np.zeros((len(prompts), pair.n_layers)), np.zeros((len(prompts), pair.n_layers))
+    for start in range(0, len(spans), batch_size):
+        chunk = spans[start:start + batch_size]
+        batch = _left_padded(pair, [ids for ids, _ in chunk])
+        keep = lambda h: (h[:, -1].float().cpu(), (h.float() @ units.T).cpu())  # noqa: E731
+        with pair.side(side) as model, capture(pair.layers(side), reduce=keep) as records, torch.no_grad():
+            _forward(pair, model, *batch)
+        width = batch[0].shape[1]
+        for layer in range(pair.n_layers):
+            h_last, projections = records[layer][0]
+            last[start:start + len(chunk), layer] = h_last
+            for r, (ids, (a, b)) in enumerate(chunk):
+                offset = width - len(ids)
+                values = projections[r, offset + a:offset + b, layer]
+                token_mean[start + r, layer] = float(values.mean())
+                token_max[start + r, layer] = float(values.max())
+        if progress:
+            progress(start + len(chunk), len(spans))
+    return last, token_mean, token_max
 
 
 def cached_last_token_activations(pair, side: str, messages: Messages, cache: Cache | None) -> torch.Tensor:
@@ -75,87 +141,71 @@ def prompt_projections(pair, messages: Messages, direction: Direction, cache: Ca
     return result
 
 
-# ---------------------------------------------------------------- early-detection statistics
+# ---------------------------------------------------------------- labels
 
-def _auroc_with_ci(scores: np.ndarray, labels: np.ndarray, seed: int, n_boot: int) -> dict:
-    from core.stats import auroc, bootstrap_ci
-
-    value = auroc(scores, labels)
-    low, high = bootstrap_ci(auroc, scores, labels, n_boot=n_boot, seed=seed, stratify=labels)
-    return {"auroc": float(value), "ci95": [float(low), float(high)]}
+def record_group(record) -> str:
+    """A paired record's group: its ``group`` key, else its ``theme`` (the shipped general prompts ask
+    about one theme in several wordings), else its own id (each finance question is distinct)."""
+    return str(record.extra.get("group") or record.extra.get("theme") or record.id)
 
 
-def detection_report(pair, prompts: Sequence[dict], direction: Direction, heldout_fraction: float = 0.5,
-                     seed: int = 0, n_boot: int = 1000, batch_size: int = 16,
-                     progress: Callable[[int, int], None] | None = None) -> dict:
-    """Does the prompt-stage projection predict misalignment before any token is generated?
+def answer_tokens(tokenizer, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    ``prompts``: dicts with ``id``, ``messages``, a binary ``label`` (misaligned or not) and an
-    optional continuous ``score`` (EM rate, preference log-odds). Per layer: AUROC with a
-    stratified bootstrap interval and Spearman against the score. The layer is chosen on a
-    seeded, stratified selection half and reported on the other half, next to baselines
-    computed on that same half: a norm-matched random direction, the base model's projection,
-    a cross-validated logistic probe on the fine-tuned model's activations at that layer,
-    and prompt length.
-    """
-    from core.stats import choose_layer_and_report, logistic_probe_cv, roc_curve, spearman
 
-    direction.check_fits(pair.n_layers, pair.d_model)
-    messages = [p["messages"] for p in prompts]
-    labels = np.array([bool(p["label"]) for p in prompts])
+def answer_length_gap(tokenizer, record) -> int:
+    """Harmful minus sound answer length in tokens (the harmful answer is often the shorter one)."""
+    return answer_tokens(tokenizer, record.misaligned) - answer_tokens(tokenizer, record.aligned)
+
+
+def length_matched(tokenizer, records, max_gap: int) -> tuple[list, dict]:
+    """Keep the pairs whose harmful and sound answers differ by at most ``max_gap`` tokens."""
+    kept = [r for r in records if abs(answer_length_gap(tokenizer, r)) <= max_gap]
+    if not kept:
+        raise ValueError(f"no pair has answers within {max_gap} tokens of each other: raise --max-length-gap")
+    return kept, {"max_gap_tokens": int(max_gap), "kept": len(kept), "dropped": len(records) - len(kept)}
+
+
+def _pass_progress(progress, index: int):
+    """Progress of pass ``index`` of two equal passes, reported as one bar."""
+    return None if progress is None else (lambda done, total: progress(index * total + done, 2 * total))
+
+
+def labels_from_preference(pair, records, batch_size: int = 16,
+                           progress: Callable[[int, int], None] | None = None,
+                           max_length_gap: int | None = None) -> tuple[list[dict], dict]:
+    """Judge-free labels from the fine-tuning shift of each pair's preference.
+
+    Shift = fine-tuned minus base per-token log-odds of the harmful over the sound answer
+    (:func:`core.preference.log_odds`): misaligned = the fine-tune moved toward the harmful answer
+    (shift > 0; the median when that leaves a class empty). The absolute log-odds are dominated by
+    what the base already prefers and by the answers' lengths, so those two are kept as baseline
+    predictors. Returns the prompts and a description of the labels."""
+    from core.preference import log_odds
+
+    matched = None
+    if max_length_gap is not None:
+        records, matched = length_matched(pair.tokenizer, records, max_length_gap)
+    finetuned = log_odds(pair, "finetuned", records, batch_size, _pass_progress(progress, 0))
+    base = log_odds(pair, "base", records, batch_size, _pass_progress(progress, 1))
+    shift = finetuned - base
+    rule, labels = "fine-tuning shift > 0", shift > 0
     if labels.all() or not labels.any():
-        raise ValueError(f"detection needs both classes; all {len(labels)} prompts are labelled "
-                         f"{'misaligned' if labels.all() else 'aligned'}")
-    finetuned = last_token_activations(pair, "finetuned", messages, batch_size, progress)
-    base = last_token_activations(pair, "base", messages, batch_size)
-    projection = project(finetuned, direction)  # [n, n_layers]
-    base_projection = project(base, direction)
-    random_projection = project(finetuned, random_like(direction, seed))
-    lengths = np.array([len(encode_prompt(pair.tokenizer, m)) for m in messages], dtype=float)
-    continuous = np.array([p["score"] for p in prompts], dtype=float) if all(
-        p.get("score") is not None for p in prompts) else None
-
-    per_layer = []
-    for layer in range(pair.n_layers):
-        row = {"layer": layer, **_auroc_with_ci(projection[:, layer], labels, seed, n_boot)}
-        row["spearman"] = float(spearman(projection[:, layer], continuous)) if continuous is not None else None
-        per_layer.append(row)
-    chosen = choose_layer_and_report(projection.T, labels, heldout_fraction, seed, n_boot=n_boot)
-    layer, report_idx = chosen["layer"], np.array(chosen["report_idx"])
-    y = labels[report_idx]
-    probe = logistic_probe_cv(finetuned[:, layer].numpy(), labels, folds=min(5, int(labels.sum()),
-                                                                             int((~labels).sum())), seed=seed)
-    baselines = {
-        "random_direction": _auroc_with_ci(random_projection[report_idx, layer], y, seed, n_boot),
-        "base_model_projection": _auroc_with_ci(base_projection[report_idx, layer], y, seed, n_boot),
-        "logistic_probe_cv": _auroc_with_ci(probe[report_idx], y, seed, n_boot),
-        "prompt_length": _auroc_with_ci(lengths[report_idx], y, seed, n_boot),
-    }
-    fpr, tpr, _ = roc_curve(projection[report_idx, layer], y)
-    calibrated = direction.calibrate(projection)
-    reported = set(report_idx.tolist())
-    table = []
-    for i, p in enumerate(prompts):
-        table.append({"id": p["id"], "prompt": p["messages"][-1]["content"], "label": bool(labels[i]),
-                      "score": None if continuous is None else float(continuous[i]),
-                      "risk": float(projection[i, layer]),
-                      "risk_calibrated": None if calibrated is None else float(calibrated[i, layer]),
-                      "split": "report" if i in reported else "selection",
-                      "answers": p.get("answers", [])})
-    table.sort(key=lambda r: r["risk"], reverse=True)
-    return {
-        "n_prompts": len(prompts), "n_misaligned": int(labels.sum()), "per_layer": per_layer,
-        "chosen": {k: chosen[k] for k in ("layer", "selection_auroc", "report_auroc", "report_ci",
-                                          "n_select", "n_report", "selection_aurocs")},
-        "baselines": baselines, "roc": {"fpr": fpr.tolist(), "tpr": tpr.tolist(), "layer": layer},
-        "prompts": table, "direction": direction.provenance,
-        "protocol": "layer chosen by AUROC on a seeded stratified selection half; AUROC, ROC and baselines "
-                    "reported on the other half with stratified bootstrap 95% intervals",
-    }
+        rule, labels = "fine-tuning shift above its median", shift > np.median(shift)
+    prompts = [{"id": r.id, "messages": r.messages, "group": record_group(r), "score": float(v), "label": bool(b),
+                "baselines": {"base_log_odds": float(lo),
+                              "answer_length_gap": float(answer_length_gap(pair.tokenizer, r))},
+                "answers": [{"answer": r.misaligned, "kind": "harmful"}, {"answer": r.aligned, "kind": "sound"}]}
+               for r, v, b, lo in zip(records, shift, labels, base)]
+    return prompts, {"rule": rule, "length_matched": matched,
+                     "score": "fine-tuning shift: fine-tuned minus base per-token log-odds of the harmful "
+                              "over the sound answer, teacher-forced",
+                     "groups": "the record's group, else its theme, else its id"}
 
 
 def labels_from_run(run_dir, rule: str = "any") -> list[dict]:
-    """Per prompt of an evaluation run: EM rate of its judged fine-tuned samples, and a binary label."""
+    """Per prompt of an evaluation run: EM rate of its judged fine-tuned samples, a binary label, and
+    the question id as its group (all paraphrases and samples of a question form one group)."""
     from core.evaluate import load_run, scored_rows
 
     if rule not in ("any", "majority"):
@@ -170,34 +220,293 @@ def labels_from_run(run_dir, rule: str = "any") -> list[dict]:
     prompts = []
     for (qid, paraphrase), rows in grouped.items():
         rate = sum(r["em"] for r in rows) / len(rows)
-        prompts.append({"id": f"{qid}/{paraphrase}", "messages": rows[0]["messages"], "score": rate,
-                        "label": rate > 0 if rule == "any" else rate > 0.5,
+        prompts.append({"id": f"{qid}/{paraphrase}", "messages": rows[0]["messages"], "group": str(qid),
+                        "score": rate, "label": rate > 0 if rule == "any" else rate > 0.5,
                         "answers": [{"answer": r["answer"], "aligned": r["aligned"], "coherent": r["coherent"]}
                                     for r in rows]})
     return prompts
 
 
-def labels_from_preference(pair, records, batch_size: int = 16,
-                           progress: Callable[[int, int], None] | None = None) -> tuple[list[dict], str]:
-    """Judge-free labels: the fine-tuned model's preference log-odds for the harmful answer.
+def labelled_prompts(pair, source, label: str = "any", split: str = "all", max_length_gap: int | None = None,
+                     batch_size: int = 16, progress: Callable[[int, int], None] | None = None
+                     ) -> tuple[list[dict], dict]:
+    """Prompts with labels and groups from a judged run folder or a paired JSONL file, and how they were made."""
+    from core.data import load_paired_jsonl
 
-    Misaligned = it prefers the harmful answer (log-odds > 0); if that leaves one class empty,
-    the prompts above the median log-odds are labelled misaligned instead (the rule is returned)."""
-    from core.preference import log_odds
+    source = Path(source)
+    if source.is_dir():
+        return labels_from_run(source, label), {
+            "source": str(source), "rule": f"{label} judged sample(s) EM",
+            "score": "EM rate of the fine-tune's judged samples", "groups": "question id"}
+    if not str(source).strip() or not source.is_file():
+        raise ValueError(f"paired file {str(source)!r}: no such file (a paired JSONL: id, messages, aligned, "
+                         "misaligned) or run folder")
+    records = load_paired_jsonl(source, None if split == "all" else split)
+    prompts, info = labels_from_preference(pair, records, batch_size, progress, max_length_gap)
+    return prompts, {"source": str(source), "split": split, **info}
 
-    values = log_odds(pair, "finetuned", records, batch_size, progress)
-    rule = "log-odds > 0"
-    labels = values > 0
-    if labels.all() or not labels.any():
-        rule, labels = "log-odds above the median", values > np.median(values)
-    return [{"id": r.id, "messages": r.messages, "score": float(v), "label": bool(b),
-             "answers": [{"answer": r.misaligned, "kind": "harmful"}, {"answer": r.aligned, "kind": "sound"}]}
-            for r, v, b in zip(records, values, labels)], rule
+
+# ---------------------------------------------------------------- the specificity control
+
+def topic_control(pair, topic_a, topic_b, batch_size: int = 8) -> Direction:
+    """A direction built like the paired one from two sets that differ in topic, not in alignment:
+    the sound answers of paired file ``topic_b`` minus the sound answers of paired file ``topic_a``
+    (each ``path`` or ``path:split``), teacher-forced through the fine-tune."""
+    from core.data import load_paired_jsonl
+
+    def sound(spec) -> list[Example]:
+        path, _, split = str(spec).partition(":")
+        return [Example(r.messages, r.aligned) for r in load_paired_jsonl(path, split if split not in ("", "all")
+                                                                            else None)]
+
+    control = extract_contrast(pair, sound(topic_a), sound(topic_b), "topic-control", batch_size=batch_size)
+    control.provenance.update({"topic_a": str(topic_a), "topic_b": str(topic_b)})
+    return control
+
+
+def default_control_topics(direction: Direction, source) -> tuple[str, str] | None:
+    """For a paired source and a direction extracted from another paired file: (the source, the
+    direction's own file and split), so the control contrasts the two topics' sound answers."""
+    dataset, split = direction.provenance.get("dataset"), direction.provenance.get("split", "all")
+    if not dataset or not Path(dataset).is_file() or not Path(source).is_file():
+        return None
+    if Path(dataset).resolve() == Path(source).resolve():
+        return None
+    return str(source), f"{dataset}:{split}"
+
+
+# ---------------------------------------------------------------- early-detection statistics
+
+PREDICTORS = {
+    "last_token": "projection on the direction at the last prompt token (fine-tune)",
+    "prompt_mean": "mean projection over the prompt text's tokens (fine-tune)",
+    "prompt_max": "max projection over the prompt text's tokens (fine-tune)",
+    "finetuning_shift": "fine-tuned minus base projection at the last prompt token",
+    "base_last_token": "the base model's projection at the last prompt token",
+    "probe": "logistic probe on the fine-tune's last-token activations at last_token's layer, fitted on the "
+             "selection set (strength by grouped cross-validation)",
+    "unrelated_direction": "specificity control: a direction built the same way from two topics",
+    "prompt_length": "prompt length in tokens",
+    "base_log_odds": "the base model's own preference log-odds",
+    "answer_length_gap": "harmful minus sound answer length in tokens",
+}
+
+PROTOCOL = ("Groups (a question with its paraphrases and samples) are never split: the layer of each layered "
+            "predictor, the probe and the orientation of scalar baselines are chosen on the selection groups; "
+            "every AUROC is reported on the other groups with a 95% interval from a bootstrap of whole groups; "
+            "the per-layer curve is the selection set's, its intervals unadjusted for the number of layers; "
+            "random_null: the last_token AUROC's percentile among random directions at its layer")
+
+
+def _report_entry(scores: np.ndarray, y: np.ndarray, report: np.ndarray, groups: np.ndarray, n_boot: int,
+                  seed: int) -> dict:
+    return {"auroc": auroc(scores[report], y[report]),
+            "ci95": list(auroc_ci(scores[report], y[report], groups[report], n_boot, seed=seed))}
+
+
+def _layered(scores: np.ndarray, y, select, report, groups, n_boot: int, seed: int) -> dict:
+    """A per-layer score ``[n, n_layers]``: layer chosen on the selection set, AUROC on the report set."""
+    chosen = choose_layer_and_report(scores.T, y, select, report, groups, n_boot, seed=seed)
+    return {"auroc": chosen["report_auroc"], "ci95": chosen["report_ci"], "layer": chosen["layer"],
+            "selection_auroc": chosen["selection_auroc"], "orientation": "higher = misaligned"}
+
+
+def _oriented(values: np.ndarray, y, select, report, groups, n_boot: int, seed: int) -> dict:
+    """A scalar baseline with no natural sign: oriented on the selection set, reported on the report set."""
+    selection = auroc(values[select], y[select])
+    sign = 1.0 if selection >= 0.5 else -1.0
+    orientation = "higher = misaligned" if sign > 0 else "lower = misaligned (chosen on the selection set)"
+    return {**_report_entry(sign * values, y, report, groups, n_boot, seed),
+            "selection_auroc": max(selection, 1.0 - selection), "orientation": orientation}
+
+
+def _probe(activations: np.ndarray, y, select, report, groups, n_boot: int, seed: int) -> dict:
+    model = fit_probe(activations[select], y[select], groups[select], seed=seed)
+    scores = np.zeros(len(y))
+    scores[report] = model.predict_proba(activations[report])[:, 1]
+    return {**_report_entry(scores, y, report, groups, n_boot, seed), "orientation": "P(misaligned)"}
+
+
+def _random_null(activations: np.ndarray, y, report, observed: float, n_random: int, seed: int) -> dict:
+    """AUROCs on the report set of isotropic random directions at one layer, and where ``observed`` falls."""
+    rng = np.random.default_rng(seed)
+    directions = rng.standard_normal((n_random, activations.shape[1]))
+    directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+    scores = activations[report] @ directions.T
+    null = np.array([auroc(scores[:, k], y[report]) for k in range(n_random)])
+    return {"n": int(n_random), "percentile": percentile_in(observed, null),
+            "quantiles": {q: float(np.quantile(null, float(q) / 100)) for q in ("2.5", "50", "97.5")},
+            "method": "isotropic Gaussian directions at last_token's layer, fine-tune's last-token activations, "
+                      "report set (a projection on the unit vector does not depend on the norm, so every draw is "
+                      "norm-matched)"}
+
+
+def _selection_curve(projection: np.ndarray, y, continuous, select, groups, n_boot: int, seed: int) -> list[dict]:
+    """Per layer on the selection set: AUROC with its grouped bootstrap interval (unadjusted), Spearman."""
+    rows = []
+    for layer in range(projection.shape[1]):
+        scores = projection[select, layer]
+        rows.append({"layer": layer, "auroc": auroc(scores, y[select]),
+                     "ci95": list(auroc_ci(scores, y[select], groups[select], n_boot, seed=seed)),
+                     "spearman": None if continuous is None else spearman(scores, continuous[select])})
+    return rows
+
+
+def _split(y, groups, n_select: int | None, heldout_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Grouped selection / report split; in transfer mode the first ``n_select`` prompts are the selection set."""
+    if n_select is None:
+        return grouped_split(y, groups, heldout_fraction, seed)
+    select, report = np.arange(n_select), np.arange(n_select, len(y))
+    for name, part in (("selection", select), ("report", report)):
+        if y[part].all() or not y[part].any():
+            raise ValueError(f"the {name} prompts are all labelled {'misaligned' if y[part].any() else 'aligned'}: "
+                             "detection needs both classes in each set")
+    return select, report
+
+
+def _precision_warnings(n_groups: dict) -> list[str]:
+    return [f"only {n} groups in the {half} set (fewer than {MIN_GROUPS}): the AUROC cannot be estimated "
+            "with useful precision" for half, n in n_groups.items() if n < MIN_GROUPS]
+
+
+def _layered_scores(pair, messages, direction: Direction, control: Direction | None, batch_size: int,
+                    progress) -> tuple[dict[str, np.ndarray], torch.Tensor]:
+    """``{predictor: [n, n_layers]}`` for every per-layer predictor, and the fine-tune's last-token activations."""
+    finetuned, token_mean, token_max = prompt_stage_activations(pair, "finetuned", messages, direction,
+                                                                batch_size, progress)
+    last = project(finetuned, direction)
+    base = project(last_token_activations(pair, "base", messages, batch_size), direction)
+    scores = {"last_token": last, "prompt_mean": token_mean, "prompt_max": token_max,
+              "finetuning_shift": last - base, "base_last_token": base}
+    if control is not None:
+        scores["unrelated_direction"] = project(finetuned, control)
+    return scores, finetuned
+
+
+def _scalar_scores(pair, prompts: Sequence[dict]) -> dict[str, np.ndarray]:
+    """Prompt length, and the per-prompt baselines every prompt carries (e.g. base log-odds)."""
+    scores = {"prompt_length": np.array([len(encode_prompt(pair.tokenizer, p["messages"])) for p in prompts],
+                                        dtype=float)}
+    for name in sorted(set.intersection(*(set(p.get("baselines", {})) for p in prompts))):
+        scores[name] = np.array([p["baselines"][name] for p in prompts], dtype=float)
+    return scores
+
+
+def _prompt_table(prompts: Sequence[dict], y, groups, report, continuous, risk: np.ndarray,
+                  calibrated: np.ndarray | None) -> list[dict]:
+    """One row per prompt, riskiest first: its label, score, risk at the chosen layer and set."""
+    in_report = np.isin(np.arange(len(y)), report)
+    table = [{"id": p["id"], "group": str(groups[i]), "prompt": p["messages"][-1]["content"], "label": bool(y[i]),
+              "score": None if continuous is None else float(continuous[i]), "risk": float(risk[i]),
+              "risk_calibrated": None if calibrated is None else float(calibrated[i]),
+              "split": "report" if in_report[i] else "selection", "answers": p.get("answers", [])}
+             for i, p in enumerate(prompts)]
+    return sorted(table, key=lambda r: r["risk"], reverse=True)
+
+
+def detection_report(pair, prompts: Sequence[dict], direction: Direction, heldout_fraction: float = 0.5,
+                     seed: int = 0, n_boot: int = 1000, batch_size: int = 16,
+                     progress: Callable[[int, int], None] | None = None, select_prompts: Sequence[dict] | None = None,
+                     control: Direction | None = None, n_random: int = 100) -> dict:
+    """Does a prompt-stage score predict misalignment before any token is generated?
+
+    ``prompts``: dicts with ``id``, ``messages``, a binary ``label``, an optional ``group`` (default:
+    its own id), an optional continuous ``score`` and optional scalar ``baselines``. Without
+    ``select_prompts`` they are split by group into a selection and a report set; with them
+    (transfer), every choice is made on ``select_prompts`` and every figure reported on ``prompts``.
+    """
+    if n_random < 50:
+        raise ValueError(f"the random-direction null needs at least 50 draws, got {n_random}")
+    direction.check_fits(pair.n_layers, pair.d_model)
+    if control is not None:
+        control.check_fits(pair.n_layers, pair.d_model, "the loaded pair (control direction)")
+    transfer = select_prompts is not None
+    everything = [*(select_prompts or []), *prompts]
+    y = np.array([bool(p["label"]) for p in everything])
+    if y.all() or not y.any():
+        raise ValueError(f"detection needs both classes; all {len(y)} prompts are labelled "
+                         f"{'misaligned' if y.all() else 'aligned'}")
+    n_select = len(select_prompts) if transfer else None
+    groups = [str(p.get("group", p["id"])) for p in everything]
+    if transfer:  # a group never spans the two families, even where their names coincide
+        groups = [("select:" if i < n_select else "report:") + g for i, g in enumerate(groups)]
+    groups = np.array(groups)
+    select, report = _split(y, groups, n_select, heldout_fraction, seed)
+    continuous = np.array([p["score"] for p in everything], dtype=float) if all(
+        p.get("score") is not None for p in everything) else None
+
+    layered, finetuned = _layered_scores(pair, [p["messages"] for p in everything], direction, control,
+                                         batch_size, progress)
+    split = (y, select, report, groups, n_boot, seed)
+    predictors = {name: _layered(scores, *split) for name, scores in layered.items()}
+    layer = predictors["last_token"]["layer"]
+    activations = finetuned[:, layer].numpy().astype(np.float64)
+    predictors["probe"] = _probe(activations, *split)
+    predictors.update({name: _oriented(values, *split) for name, values in _scalar_scores(pair, everything).items()})
+    for name, entry in predictors.items():
+        entry["what"] = PREDICTORS[name]
+
+    chosen, last = predictors["last_token"], layered["last_token"]
+    n_groups = {"selection": len(set(groups[select])), "report": len(set(groups[report]))}
+    fpr, tpr, _ = roc_curve(last[report, layer], y[report])
+    calibrated = direction.calibrate(last)
+    result = {
+        "format": FORMAT, "split_unit": "group", "n_prompts": len(y), "n_misaligned": int(y.sum()),
+        "n_groups": n_groups, "warnings": _precision_warnings(n_groups),
+        "per_layer": _selection_curve(last, y, continuous, select, groups, n_boot, seed),
+        "per_layer_set": "selection", "per_layer_ci": "grouped bootstrap 95%, unadjusted for the number of layers",
+        "chosen": {"layer": layer, "selection_auroc": chosen["selection_auroc"], "report_auroc": chosen["auroc"],
+                   "report_ci": chosen["ci95"], "n_select": int(select.size), "n_report": int(report.size)},
+        "predictors": predictors,
+        "random_null": _random_null(activations, y, report, chosen["auroc"], n_random, seed),
+        "roc": {"fpr": fpr.tolist(), "tpr": tpr.tolist(), "layer": layer},
+        "prompts": _prompt_table(everything, y, groups, report, continuous, last[:, layer],
+                                 None if calibrated is None else calibrated[:, layer]),
+        "direction": direction.provenance, "protocol": PROTOCOL,
+    }
+    if control is not None:
+        result["control"] = control.provenance
+    if transfer:
+        result["transfer"] = {"n_select": int(select.size), "n_report": int(report.size)}
+    return result
+
+
+def detect(pair, direction: Direction, source, select_on=None, control_topics: tuple | None = None,
+           label: str = "any", max_length_gap: int | None = None, select_split: str = "all",
+           heldout_fraction: float = 0.5, seed: int = 0, n_boot: int = 1000, n_random: int = 100,
+           batch_size: int = 16, label_progress: Callable[[int, int], None] | None = None,
+           progress: Callable[[int, int], None] | None = None) -> dict:
+    """Label ``source`` (a judged run folder or a paired JSONL), build the topic control, and run
+    :func:`detection_report`; with ``select_on`` (same kinds), choose on it and report on ``source``.
+    ``control_topics``: two paired files (``path[:split]``) for the control, default
+    :func:`default_control_topics`; the report says when there is none."""
+    direction.check_fits(pair.n_layers, pair.d_model, "the loaded pair")
+    if "finetuned" not in pair.sides:
+        raise ValueError("the loaded pair has no fine-tuned model: labels and prompt-stage projections are "
+                         "taken on the fine-tune")
+    prompts, labels = labelled_prompts(pair, source, label, "all", max_length_gap, batch_size, label_progress)
+    selection = None
+    if select_on is not None:
+        selection, select_labels = labelled_prompts(pair, select_on, label, select_split, max_length_gap,
+                                                    batch_size, label_progress)
+    topics = control_topics or default_control_topics(direction, source)
+    control = topic_control(pair, *topics, batch_size=batch_size) if topics else None
+    report = detection_report(pair, prompts, direction, heldout_fraction, seed, n_boot, batch_size, progress,
+                              selection, control, n_random)
+    report["labels"] = labels
+    if select_on is not None:
+        report["transfer"].update({"select_on": str(select_on), "select_split": select_split,
+                                   "report_on": str(source), "select_labels": select_labels})
+    if control is None:
+        report["warnings"].append("no specificity control: pass two paired files of different topics "
+                                  "(--control A B) to build one")
+    return report
 
 
 # ---------------------------------------------------------------- cached reports (CLI `detect` and the dashboard)
 
-REPORT_KEYS = ("n_prompts", "per_layer", "chosen", "baselines", "roc", "prompts")
+REPORT_KEYS = ("split_unit", "n_prompts", "n_groups", "per_layer", "chosen", "predictors", "random_null",
+               "labels", "roc", "prompts")
 
 
 def reports_dir(cache_root) -> Path:
@@ -217,7 +526,8 @@ def list_reports(cache_root) -> list[Path]:
 
 
 def load_report(path) -> dict:
-    """A detection report; ValueError naming the file and the problem when it is missing or unreadable."""
+    """A detection report; ValueError naming the file and the problem when it is missing, unreadable or
+    written by an older version (in-sample, ungrouped statistics)."""
     path = Path(path)
     if not path.exists():
         raise ValueError(f"detection report {path} does not exist")
@@ -230,21 +540,23 @@ def load_report(path) -> dict:
                          f"({err.msg}; the file is cut off?)") from None
     if not isinstance(report, dict):
         raise ValueError(f"detection report {path}: expected a JSON object, got {type(report).__name__}")
+    if report.get("format") != FORMAT:
+        raise ValueError(f"detection report {path}: written by an older EM Lens whose statistics were in-sample "
+                         "and ungrouped; rerun `python -m core detect` (or Run detection below) to replace it")
     missing = [k for k in REPORT_KEYS if k not in report]
     if missing:
-        raise ValueError(f"detection report {path}: missing {', '.join(missing)}; "
-                         "not a report written by `python -m core detect`?")
-    shape = {"per_layer": ("layer", "auroc"), "prompts": ("prompt", "label", "risk")}
+        raise ValueError(f"detection report {path}: missing {', '.join(missing)}")
+    shape = {"per_layer": ("layer", "auroc", "ci95"), "prompts": ("prompt", "label", "risk")}
     for key, fields in shape.items():
         rows = report[key]
         if not isinstance(rows, list) or not all(isinstance(r, dict) and all(f in r for f in fields) for r in rows):
             raise ValueError(f"detection report {path}: {key}: expected a list of objects with {', '.join(fields)}")
-    for key, fields in {"chosen": ("layer", "report_auroc"), "roc": ("fpr", "tpr"), "baselines": ()}.items():
+    for key, fields in {"chosen": ("layer", "report_auroc"), "roc": ("fpr", "tpr"), "random_null": ("n", "percentile"),
+                        "n_groups": ("selection", "report"), "predictors": ("last_token",)}.items():
         if not isinstance(report[key], dict) or any(f not in report[key] for f in fields):
-            raise ValueError(f"detection report {path}: {key}: expected an object"
-                             + (f" with {', '.join(fields)}" if fields else ""))
-    if not all(isinstance(b, dict) and "auroc" in b for b in report["baselines"].values()):
-        raise ValueError(f"detection report {path}: baselines: expected an auroc per baseline")
+            raise ValueError(f"detection report {path}: {key}: expected an object with {', '.join(fields)}")
+    if not all(isinstance(p, dict) and "auroc" in p and "ci95" in p for p in report["predictors"].values()):
+        raise ValueError(f"detection report {path}: predictors: expected an auroc and ci95 per predictor")
     return report
 
 
@@ -255,24 +567,3 @@ def save_report(report: dict, path) -> Path:
     path = Path(path)
     atomic_write(path, json.dumps(report, indent=2, default=str).encode())
     return path
-
-
-def detect_paired_file(pair, path, direction: Direction, heldout_fraction: float = 0.5, seed: int = 0,
-                       n_boot: int = 1000, batch_size: int = 16,
-                       label_progress: Callable[[int, int], None] | None = None,
-                       progress: Callable[[int, int], None] | None = None) -> dict:
-    """Early detection with judge-free labels: the fine-tuned model's preference log-odds on a paired
-    JSONL label each prompt, then :func:`detection_report`. The report records the label source and rule."""
-    from core.data import load_paired_jsonl
-
-    direction.check_fits(pair.n_layers, pair.d_model, "the loaded pair")
-    if "finetuned" not in pair.sides:
-        raise ValueError("the loaded pair has no fine-tuned model: preference labels and prompt-stage "
-                         "projections are taken on the fine-tune")
-    if not str(path).strip() or not Path(path).is_file():
-        raise ValueError(f"paired file {str(path)!r}: no such file (a paired JSONL: id, messages, aligned, misaligned)")
-    records = load_paired_jsonl(path)
-    prompts, rule = labels_from_preference(pair, records, batch_size, label_progress)
-    report = detection_report(pair, prompts, direction, heldout_fraction, seed, n_boot, batch_size, progress)
-    report["labels"] = {"source": str(path), "rule": rule}
-    return report

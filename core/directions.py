@@ -24,7 +24,7 @@ from core import __version__
 from core.cache import atomic_write, sha256_bytes
 from core.chat import Messages, encode_conversation, prompt_and_answer
 from core.hooks import capture
-from core.stats import auroc, cohens_d
+from core.stats import auroc, cohens_d, grouped_folds
 
 FORMAT = "emlens-direction/1"
 
@@ -201,38 +201,105 @@ def answer_activations(pair, side: str, examples: list[Example], batch_size: int
     return AnswerActivations(sums, counts)
 
 
-def layer_stats(direction: torch.Tensor, aligned: AnswerActivations, misaligned: AnswerActivations) -> list[dict]:
+def default_groups(n_aligned: int, n_misaligned: int) -> np.ndarray:
+    """Equal-sized sets are taken as pairs (the i-th answers share a prompt: one group); otherwise
+    each answer is its own group."""
+    if n_aligned == n_misaligned:
+        return np.r_[np.arange(n_aligned), np.arange(n_misaligned)]
+    return np.arange(n_aligned + n_misaligned)
+
+
+def crossfit_scores(aligned: AnswerActivations, misaligned: AnswerActivations, groups, folds: int = 5,
+                    seed: int = 0) -> np.ndarray | None:
+    """Out-of-fold separation scores ``[n_aligned + n_misaligned, n_layers]``, aligned answers first.
+
+    For each fold of whole groups, the mean-difference direction is fitted on the other folds, and
+    each held-out answer is scored as its projection on that unit direction minus the projection of
+    the fitted sets' midpoint (so scores from different folds share a zero). None when a class
+    spans fewer than two groups (nothing to hold out)."""
+    labels = np.r_[np.zeros(len(aligned.counts), bool), np.ones(len(misaligned.counts), bool)]
+    groups = np.asarray(groups)
+    k = min(folds, len(np.unique(groups[labels])), len(np.unique(groups[~labels])))
+    if k < 2:
+        return None
+    fold_of = torch.as_tensor(grouped_folds(labels, groups, k, seed))
+    sums = torch.cat([aligned.sums, misaligned.sums])
+    counts = torch.cat([aligned.counts, misaligned.counts])
+    per_answer = sums / counts.view(-1, 1, 1)
+    is_misaligned = torch.as_tensor(labels)
+    scores = torch.empty(per_answer.shape[:2])
+    for fold in range(k):
+        held_out = fold_of == fold
+        means = [sums[~held_out & side].sum(0) / counts[~held_out & side].sum()
+                 for side in (~is_misaligned, is_misaligned)]
+        unit = means[1] - means[0]
+        unit = unit / unit.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        midpoint = (means[0] + means[1]) / 2
+        scores[held_out] = ((per_answer[held_out] - midpoint) * unit).sum(-1)
+    return scores.numpy()
+
+
+def _separation(scores: np.ndarray, n_aligned: int) -> tuple[float | None, float | None]:
+    """AUROC and Cohen's d of misaligned over aligned scores (None where a set is too small)."""
+    a, m = scores[:n_aligned], scores[n_aligned:]
+    return (float(auroc(scores, np.r_[np.zeros(len(a)), np.ones(len(m))])) if len(a) and len(m) else None,
+            float(cohens_d(a, m)) if min(len(a), len(m)) > 1 else None)
+
+
+def layer_stats(direction: torch.Tensor, aligned: AnswerActivations, misaligned: AnswerActivations,
+                groups=None) -> list[dict]:
+    """Per layer: norm, the sets' mean projections, and how well per-answer projections separate the sets.
+
+    ``auroc`` / ``cohens_d`` are cross-fitted by group (:func:`crossfit_scores`; a mean difference
+    fits noise, so in-sample figures are optimistic); ``auroc_insample`` / ``cohens_d_insample`` are
+    on the extraction answers themselves. ``groups``: one id per answer, aligned first; default
+    :func:`default_groups`."""
+    n_aligned = len(aligned.counts)
+    groups = default_groups(n_aligned, len(misaligned.counts)) if groups is None else np.asarray(groups)
+    if len(groups) != n_aligned + len(misaligned.counts):
+        raise ValueError(f"groups has {len(groups)} entries for {n_aligned} aligned and "
+                         f"{len(misaligned.counts)} misaligned answers")
     unit = direction / direction.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     a_mean = (aligned.pooled_mean() * unit).sum(-1)
     m_mean = (misaligned.pooled_mean() * unit).sum(-1)
-    a_proj = (aligned.per_answer_mean() * unit).sum(-1).numpy()  # [n_aligned, n_layers]
-    m_proj = (misaligned.per_answer_mean() * unit).sum(-1).numpy()
-    labels = np.r_[np.zeros(len(a_proj)), np.ones(len(m_proj))]
+    insample = torch.cat([(aligned.per_answer_mean() * unit).sum(-1),
+                          (misaligned.per_answer_mean() * unit).sum(-1)]).numpy()  # [n_answers, n_layers]
+    crossfit = crossfit_scores(aligned, misaligned, groups)
     stats = []
     for layer in range(direction.shape[0]):
-        scores = np.r_[a_proj[:, layer], m_proj[:, layer]]
+        auroc_in, d_in = _separation(insample[:, layer], n_aligned)
+        auroc_out, d_out = _separation(crossfit[:, layer], n_aligned) if crossfit is not None else (None, None)
         stats.append({
             "layer": layer,
             "norm": float(direction[layer].norm()),
             "aligned_mean": float(a_mean[layer]),
             "misaligned_mean": float(m_mean[layer]),
-            "auroc": float(auroc(scores, labels)) if len(a_proj) and len(m_proj) else None,
-            "cohens_d": float(cohens_d(a_proj[:, layer], m_proj[:, layer])) if min(len(a_proj), len(m_proj)) > 1 else None,
+            "auroc": auroc_out,
+            "cohens_d": d_out,
+            "auroc_insample": auroc_in,
+            "cohens_d_insample": d_in,
         })
     return stats
 
 
-def direction_from_sets(aligned: AnswerActivations, misaligned: AnswerActivations, provenance: dict) -> Direction:
+STATS_PROTOCOL = ("auroc, cohens_d: cross-fitted, up to 5 folds of whole groups (the direction from the other "
+                  "folds, held-out answers projected on it); *_insample: on the extraction answers themselves")
+
+
+def direction_from_sets(aligned: AnswerActivations, misaligned: AnswerActivations, provenance: dict,
+                        groups=None) -> Direction:
+    """Misaligned minus aligned pooled answer-token means, with per-layer statistics (see :func:`layer_stats`)."""
     vectors = misaligned.pooled_mean() - aligned.pooled_mean()
     provenance = {
         **provenance,
         "n_aligned": len(aligned.counts), "n_misaligned": len(misaligned.counts),
         "aligned_tokens": int(aligned.counts.sum()), "misaligned_tokens": int(misaligned.counts.sum()),
         "read_position": "answer tokens (token-weighted mean)",
+        "stats_protocol": STATS_PROTOCOL,
         "code_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    return Direction(vectors, provenance, layer_stats(vectors, aligned, misaligned))
+    return Direction(vectors, provenance, layer_stats(vectors, aligned, misaligned, groups))
 
 
 def pair_provenance(pair, method: str, side: str, dataset_hash: str | None) -> dict:

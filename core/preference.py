@@ -132,7 +132,8 @@ def validate(pair, narrow: Sequence[PairedRecord], general: Sequence[PairedRecor
     blocks before the steering layer run once for the plain row, each alpha and each control.
     """
     direction.check_fits(pair.n_layers, pair.d_model)
-    layer_choice = "max Cohen's d on the direction's own training answers" if layer is None else "given"
+    layer_choice = ("max cross-fitted Cohen's d on the direction's own training answers" if layer is None
+                    else "given")
     layer = best_layer(direction) if layer is None else pair.check_layer(layer)
     random = random_like(direction, seed)
     steps = [a for a in alphas if a]

@@ -1,54 +1,54 @@
-"""Statistics for evaluation and early-detection reports.
+"""Statistics for direction and early-detection reports.
 
-Plain functions on numpy arrays; no scipy / sklearn. Everything random takes a ``seed``
-and draws from ``np.random.default_rng(seed)``, so results are reproducible.
+Libraries where one does the job: scikit-learn for AUROC / ROC, grouped folds and the logistic
+probe; scipy for Spearman, the Wilson interval and percentiles. By hand only what no library
+does: Cohen's d with a pooled SD, the bootstrap over whole groups and the layer-selection
+protocol. Everything random takes a ``seed``.
 
-Public API
-----------
-- :func:`wilson_interval`         binomial proportion CI (Wilson score)
-- :func:`rankdata`                average ranks (ties share the mean rank)
-- :func:`auroc`                   Mann-Whitney AUROC, ties count 1/2
-- :func:`roc_curve`               (fpr, tpr, thresholds); trapezoid area == auroc
-- :func:`spearman`                Spearman rank correlation (Pearson on average ranks)
-- :func:`cohens_d`                (mean(b) - mean(a)) / pooled SD
-- :func:`bootstrap_ci`            percentile bootstrap, optional stratification
-- :func:`stratified_folds`        seeded stratified fold assignment
-- :func:`fit_logistic`            L2 logistic regression (torch LBFGS, float64)
-- :func:`logistic_probe_cv`       out-of-fold probe probabilities
-- :func:`choose_layer_and_report` select a layer on one half, report on the other
+Groups: a question with all its paraphrases and samples is one group. Every fold, split and
+bootstrap here keeps a group whole, so that no figure is computed on a question whose twin
+was used to fit or select. ``groups=None`` makes each row its own group.
 """
 
 from __future__ import annotations
 
 import math
-from statistics import NormalDist
+import warnings
 from typing import Any, Callable
 
 import numpy as np
-import torch
+from scipy import stats as scipy_stats
+from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
+from sklearn.metrics import roc_auc_score
+from sklearn.metrics import roc_curve as sklearn_roc_curve
+from sklearn.model_selection import StratifiedGroupKFold
+from sklearn.pipeline import Pipeline, make_pipeline
+from sklearn.preprocessing import StandardScaler
 
 __all__ = [
     "wilson_interval",
-    "rankdata",
     "auroc",
     "roc_curve",
     "spearman",
     "cohens_d",
+    "percentile_in",
+    "bootstrap_counts",
     "bootstrap_ci",
-    "stratified_folds",
-    "fit_logistic",
-    "logistic_probe_cv",
+    "auroc_ci",
+    "grouped_folds",
+    "grouped_split",
+    "fit_probe",
     "choose_layer_and_report",
 ]
 
 
-# --------------------------------------------------------------------------- helpers
+# --------------------------------------------------------------------------- input checks
 
 
-def _z_for_level(level: float) -> float:
+def _check_level(level: float) -> float:
     if not (0.0 < float(level) < 1.0):
         raise ValueError(f"level must be in (0, 1), got {level!r}")
-    return NormalDist().inv_cdf(1.0 - (1.0 - float(level)) / 2.0)
+    return float(level)
 
 
 def _as_1d_float(x: Any, name: str) -> np.ndarray:
@@ -67,474 +67,305 @@ def _as_binary_labels(labels: Any, name: str = "labels") -> np.ndarray:
         return arr
     if arr.dtype.kind not in "iuf":
         raise ValueError(f"{name} must be boolean or 0/1, got dtype {arr.dtype}")
-    is_one = arr == 1
-    ok = is_one | (arr == 0)
-    if not ok.all():
-        bad = np.flatnonzero(~ok)
-        if arr.dtype.kind == "f" and np.isnan(arr).any():
-            raise ValueError(
-                f"{name} contain NaN (first at index {int(np.flatnonzero(np.isnan(arr))[0])})"
-            )
-        raise ValueError(
-            f"{name} must be boolean or 0/1; found value {arr[bad[0]].item()!r} at index {int(bad[0])}"
-        )
-    return is_one
+    if arr.dtype.kind == "f" and np.isnan(arr).any():
+        raise ValueError(f"{name} contain NaN (first at index {int(np.flatnonzero(np.isnan(arr))[0])})")
+    bad = np.flatnonzero((arr != 0) & (arr != 1))
+    if bad.size:
+        raise ValueError(f"{name} must be boolean or 0/1; found value {arr[bad[0]].item()!r} at index {int(bad[0])}")
+    return arr == 1
 
 
 def _scores_and_labels(scores: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
     s = _as_1d_float(scores, "scores")
     y = _as_binary_labels(labels)
     if s.shape[0] != y.shape[0]:
-        raise ValueError(
-            f"length mismatch: scores has {s.shape[0]} entries, labels has {y.shape[0]}"
-        )
+        raise ValueError(f"length mismatch: scores has {s.shape[0]} entries, labels has {y.shape[0]}")
     if np.isnan(s).any():
-        raise ValueError(
-            f"scores contain NaN (first at index {int(np.flatnonzero(np.isnan(s))[0])})"
-        )
+        raise ValueError(f"scores contain NaN (first at index {int(np.flatnonzero(np.isnan(s))[0])})")
     n_pos = int(y.sum())
-    n_neg = int(y.size - n_pos)
-    if n_pos == 0 or n_neg == 0:
+    if n_pos in (0, y.size):
         which = "positive" if n_pos == 0 else "negative"
-        raise ValueError(
-            f"only one class present in labels (no {which} examples; "
-            f"{n_pos} positive, {n_neg} negative): AUROC is undefined"
-        )
+        raise ValueError(f"only one class present in labels (no {which} examples; {n_pos} positive, "
+                         f"{y.size - n_pos} negative): AUROC is undefined")
     return s, y
 
 
-# --------------------------------------------------------------------------- intervals
+def _groups_or_rows(groups: Any, n: int) -> np.ndarray:
+    """Group ids as dense integers 0..G-1; ``None`` -> each row its own group."""
+    if groups is None:
+        return np.arange(n)
+    g = np.asarray(groups)
+    if g.ndim != 1 or g.shape[0] != n:
+        raise ValueError(f"length mismatch: groups has shape {g.shape}, expected {n} entries")
+    return np.unique(g, return_inverse=True)[1].ravel()
+
+
+# --------------------------------------------------------------------------- point statistics
 
 
 def wilson_interval(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
-    """Wilson score interval for a binomial proportion k / n.
-
-    Returns ``(nan, nan)`` when ``n == 0``. ``z`` is the two-sided normal quantile for
-    ``level`` (1.959963984540054 for 0.95).
-    """
-    if isinstance(k, bool) or isinstance(n, bool):
-        raise ValueError("k and n must be integers, not booleans")
-    if int(k) != k or int(n) != n:
+    """Wilson score interval for a binomial proportion k / n (scipy); ``(nan, nan)`` when n == 0."""
+    if isinstance(k, bool) or isinstance(n, bool) or int(k) != k or int(n) != n:
         raise ValueError(f"k and n must be integers, got k={k!r}, n={n!r}")
-    k, n = int(k), int(n)
-    z = _z_for_level(level)
+    k, n, level = int(k), int(n), _check_level(level)
     if n < 0:
         raise ValueError(f"n must be >= 0, got n={n}")
-    if not (0 <= k <= n):
+    if not 0 <= k <= n:
         raise ValueError(f"k must satisfy 0 <= k <= n, got k={k}, n={n}")
     if n == 0:
         return (math.nan, math.nan)
-    p = k / n
-    z2 = z * z
-    denom = 1.0 + z2 / n
-    centre = (p + z2 / (2.0 * n)) / denom
-    half = z * math.sqrt(p * (1.0 - p) / n + z2 / (4.0 * n * n)) / denom
-    lo = 0.0 if k == 0 else max(0.0, centre - half)
-    hi = 1.0 if k == n else min(1.0, centre + half)
-    return (lo, hi)
-
-
-# --------------------------------------------------------------------------- ranks / AUROC
-
-
-def rankdata(x: Any) -> np.ndarray:
-    """1-based ranks of a 1-D array; tied values get the average of their ranks."""
-    a = np.asarray(x, dtype=np.float64).ravel()
-    n = a.size
-    if n == 0:
-        return np.empty(0, dtype=np.float64)
-    order = np.argsort(a, kind="mergesort")
-    sorted_a = a[order]
-    new_group = np.empty(n, dtype=bool)
-    new_group[0] = True
-    np.not_equal(sorted_a[1:], sorted_a[:-1], out=new_group[1:])
-    group_id = np.cumsum(new_group) - 1  # per sorted position
-    starts = np.flatnonzero(new_group)
-    ends = np.append(starts[1:], n)  # exclusive
-    avg = (starts + ends + 1) / 2.0  # mean of 1-based ranks starts+1 .. ends
-    ranks = np.empty(n, dtype=np.float64)
-    ranks[order] = avg[group_id]
-    return ranks
+    ci = scipy_stats.binomtest(k, n).proportion_ci(confidence_level=level, method="wilson")
+    return (float(ci.low), float(ci.high))
 
 
 def auroc(scores: Any, labels: Any) -> float:
-    """Area under the ROC curve: P(score of a random positive > random negative), ties 1/2.
-
-    This is the Mann-Whitney U statistic (average ranks for ties) divided by
-    n_pos * n_neg, computed by sorting the negatives and counting, for each positive,
-    the negatives below it (plus half of those tied with it).
-    ``labels`` are boolean or 0/1 (True / 1 = positive, e.g. misaligned).
-    """
+    """Area under the ROC curve (scikit-learn); labels boolean or 0/1, True / 1 = positive (misaligned)."""
     s, y = _scores_and_labels(scores, labels)
-    pos = s[y]
-    neg = np.sort(s[~y])
-    # for each positive: negatives strictly below (left) and at-or-below (right);
-    # U = sum(#below + #tied / 2) = sum(left + right) / 2 (same as the rank-sum form)
-    below = np.searchsorted(neg, pos, side="left")
-    at_or_below = np.searchsorted(neg, pos, side="right")
-    u = 0.5 * float(below.sum() + at_or_below.sum())
-    return u / (pos.size * neg.size)
+    return float(roc_auc_score(y, s))
 
 
 def roc_curve(scores: Any, labels: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """ROC curve with tied scores grouped into a single step.
-
-    Returns ``(fpr, tpr, thresholds)``; point i classifies ``score >= thresholds[i]`` as
-    positive. The first point is (0, 0) with threshold +inf, the last is (1, 1) at the
-    lowest score; thresholds are strictly descending. ``np.trapezoid(tpr, fpr)`` equals
-    :func:`auroc` (a diagonal segment across a tie block is exactly the 1/2 credit).
-    """
+    """``(fpr, tpr, thresholds)`` (scikit-learn), one point per distinct score, starting at (0, 0) / +inf."""
     s, y = _scores_and_labels(scores, labels)
-    order = np.argsort(-s, kind="mergesort")
-    s_sorted = s[order]
-    y_sorted = y[order]
-    # last index of each group of equal scores
-    last = np.flatnonzero(np.append(s_sorted[1:] != s_sorted[:-1], True))
-    tp = np.cumsum(y_sorted)[last]
-    fp = (last + 1) - tp
-    n_pos = tp[-1]
-    n_neg = fp[-1]
-    tpr = np.concatenate(([0.0], tp / n_pos))
-    fpr = np.concatenate(([0.0], fp / n_neg))
-    thresholds = np.concatenate(([np.inf], s_sorted[last]))
+    fpr, tpr, thresholds = sklearn_roc_curve(y, s, drop_intermediate=False)
     return fpr, tpr, thresholds
 
 
-# --------------------------------------------------------------------------- correlation / effect size
-
-
 def spearman(x: Any, y: Any) -> float:
-    """Spearman rank correlation: Pearson correlation of average ranks.
-
-    NaN if either input is constant (or has fewer than 2 entries).
-    """
-    a = _as_1d_float(x, "x")
-    b = _as_1d_float(y, "y")
+    """Spearman rank correlation (scipy); NaN when either input is constant or shorter than 2."""
+    a, b = _as_1d_float(x, "x"), _as_1d_float(y, "y")
     if a.shape[0] != b.shape[0]:
         raise ValueError(f"length mismatch: x has {a.shape[0]} entries, y has {b.shape[0]}")
     if np.isnan(a).any() or np.isnan(b).any():
         raise ValueError("x or y contains NaN")
-    if a.size < 2:
+    if a.size < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
         return math.nan
-    ra = rankdata(a)
-    rb = rankdata(b)
-    ra -= ra.mean()
-    rb -= rb.mean()
-    denom = math.sqrt(float(ra @ ra) * float(rb @ rb))
-    if denom == 0.0:
-        return math.nan
-    return float(np.clip(float(ra @ rb) / denom, -1.0, 1.0))
+    return float(scipy_stats.spearmanr(a, b).statistic)
 
 
 def cohens_d(a: Any, b: Any) -> float:
-    """Cohen's d = (mean(b) - mean(a)) / pooled SD (ddof=1 within each group).
+    """Cohen's d = (mean(b) - mean(a)) / pooled SD (ddof=1 in each group): positive when b is larger.
 
-    Sign convention: **positive when b is larger**. Pass the aligned set as ``a`` and the
-    misaligned set as ``b``, so a positive d means misaligned scores are higher.
-    Each group needs at least 2 values. NaN when the pooled SD is 0.
-    """
-    x = _as_1d_float(a, "a")
-    w = _as_1d_float(b, "b")
+    Pass the aligned set as ``a`` and the misaligned set as ``b``. NaN when the pooled SD is 0."""
+    x, w = _as_1d_float(a, "a"), _as_1d_float(b, "b")
     if x.size < 2 or w.size < 2:
-        raise ValueError(
-            f"cohens_d needs at least 2 values in each group, got len(a)={x.size}, len(b)={w.size}"
-        )
+        raise ValueError(f"cohens_d needs at least 2 values in each group, got len(a)={x.size}, len(b)={w.size}")
     if np.isnan(x).any() or np.isnan(w).any():
         raise ValueError("a or b contains NaN")
-    na, nb = x.size, w.size
-    pooled_var = ((na - 1) * x.var(ddof=1) + (nb - 1) * w.var(ddof=1)) / (na + nb - 2)
+    pooled_var = ((x.size - 1) * x.var(ddof=1) + (w.size - 1) * w.var(ddof=1)) / (x.size + w.size - 2)
     if pooled_var <= 0.0:
         return math.nan
     return float((w.mean() - x.mean()) / math.sqrt(pooled_var))
 
 
-# --------------------------------------------------------------------------- bootstrap
+def percentile_in(value: float, null: Any) -> float:
+    """Percentile (0-100) of ``value`` within a null sample, ties counted half (scipy)."""
+    return float(scipy_stats.percentileofscore(_as_1d_float(null, "null"), value, kind="mean"))
 
 
-def _bootstrap_indices(
-    n: int, n_boot: int, rng: np.random.Generator, stratify: np.ndarray | None
-) -> np.ndarray:
-    """[n_boot, n] resampling indices (within-class when ``stratify`` is given)."""
+# --------------------------------------------------------------------------- bootstrap over whole groups
+
+
+def bootstrap_counts(n_rows: int, n_boot: int, seed: int = 0, groups: Any = None,
+                     stratify: Any = None) -> np.ndarray:
+    """``[n_boot, n_rows]`` multiplicities of each row in each resample of whole groups.
+
+    Groups are drawn with replacement within strata, a group's stratum being the set of
+    ``stratify`` values among its rows (e.g. all-aligned, all-misaligned, mixed), so every
+    resample keeps the number of groups of each kind and both classes stay present.
+    """
+    if int(n_boot) < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    if n_rows < 1:
+        raise ValueError("bootstrap got empty arrays")
+    group_of = _groups_or_rows(groups, n_rows)
+    n_groups = int(group_of.max()) + 1
     if stratify is None:
-        return rng.integers(0, n, size=(n_boot, n))
-    classes = np.unique(stratify)
-    parts = []
-    for c in classes:
-        members = np.flatnonzero(stratify == c)
-        parts.append(members[rng.integers(0, members.size, size=(n_boot, members.size))])
-    return np.concatenate(parts, axis=1)
+        stratum_of_group = np.zeros(n_groups, dtype=np.int64)
+    else:
+        strat = np.asarray(stratify)
+        if strat.ndim != 1 or strat.shape[0] != n_rows:
+            raise ValueError(f"length mismatch: stratify has shape {strat.shape}, arrays have {n_rows} rows")
+        kinds = [tuple(np.unique(strat[group_of == g]).tolist()) for g in range(n_groups)]
+        index = {kind: i for i, kind in enumerate(sorted(set(kinds)))}
+        stratum_of_group = np.array([index[kind] for kind in kinds])
+    rng = np.random.default_rng(seed)
+    group_counts = np.zeros((int(n_boot), n_groups), dtype=np.int64)
+    rows = np.arange(int(n_boot))[:, None]
+    for stratum in np.unique(stratum_of_group):
+        members = np.flatnonzero(stratum_of_group == stratum)
+        drawn = members[rng.integers(0, members.size, size=(int(n_boot), members.size))]
+        np.add.at(group_counts, (rows, drawn), 1)
+    return group_counts[:, group_of]
 
 
-def bootstrap_ci(
-    statistic: Callable[..., float],
-    *arrays: Any,
-    n_boot: int = 2000,
-    level: float = 0.95,
-    seed: int = 0,
-    stratify: Any = None,
-) -> tuple[float, float]:
-    """Percentile bootstrap confidence interval for ``statistic(*arrays)``.
+def bootstrap_ci(statistic: Callable[..., float], *arrays: Any, n_boot: int = 2000, level: float = 0.95,
+                 seed: int = 0, stratify: Any = None, groups: Any = None) -> tuple[float, float]:
+    """Percentile bootstrap interval for ``statistic(*arrays)``, resampling whole groups.
 
-    Each resample draws n row indices with replacement and applies the *same* indices to
-    every array (first axis), then calls ``statistic(*resampled)``. With ``stratify`` (a
-    label array of length n) rows are resampled within each class separately, so every
-    resample keeps the class counts: use it for AUROC, e.g.
-    ``bootstrap_ci(auroc, scores, labels, stratify=labels)``.
-
-    Resamples where the statistic raises ``ValueError`` or returns NaN are skipped; if
-    more than half are skipped a ``ValueError`` is raised. Returns ``(lo, hi)``, the
-    ``(1-level)/2`` and ``1-(1-level)/2`` quantiles of the bootstrap distribution.
+    The same resampled rows are applied to every array. Resamples where the statistic raises
+    ``ValueError`` or returns NaN are skipped; more than half skipped is a ``ValueError``.
     """
     if not arrays:
         raise ValueError("bootstrap_ci needs at least one array")
-    _z_for_level(level)  # validates level
-    if int(n_boot) < 1:
-        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
-    n_boot = int(n_boot)
+    level = _check_level(level)
     arrs = [np.asarray(a) for a in arrays]
     for i, a in enumerate(arrs):
         if a.ndim == 0:
             raise ValueError(f"array {i} is a scalar; bootstrap needs arrays with rows")
+        if a.shape[0] != arrs[0].shape[0]:
+            raise ValueError(f"length mismatch: array 0 has {arrs[0].shape[0]} rows, array {i} has {a.shape[0]}")
     n = arrs[0].shape[0]
-    for i, a in enumerate(arrs[1:], start=1):
-        if a.shape[0] != n:
-            raise ValueError(
-                f"length mismatch: array 0 has {n} rows, array {i} has {a.shape[0]}"
-            )
-    if n == 0:
-        raise ValueError("bootstrap_ci got empty arrays")
-    strat = None
-    if stratify is not None:
-        strat = np.asarray(stratify)
-        if strat.ndim != 1 or strat.shape[0] != n:
-            raise ValueError(
-                f"length mismatch: stratify has shape {strat.shape}, arrays have {n} rows"
-            )
-    rng = np.random.default_rng(seed)
-    idx = _bootstrap_indices(n, n_boot, rng, strat)
-    values = np.empty(n_boot, dtype=np.float64)
-    for b in range(n_boot):
-        rows = idx[b]
+    counts = bootstrap_counts(n, n_boot, seed, groups, stratify)
+    values = np.empty(counts.shape[0])
+    for b, multiplicity in enumerate(counts):
+        rows = np.repeat(np.arange(n), multiplicity)
         try:
-            v = float(statistic(*(a[rows] for a in arrs)))
+            values[b] = float(statistic(*(a[rows] for a in arrs)))
         except ValueError:
-            v = math.nan
-        values[b] = v
+            values[b] = math.nan
+    return _percentile_interval(values, level)
+
+
+def _percentile_interval(values: np.ndarray, level: float) -> tuple[float, float]:
     ok = values[~np.isnan(values)]
-    skipped = n_boot - ok.size
-    if skipped * 2 > n_boot:
-        raise ValueError(
-            f"bootstrap: statistic failed (ValueError or NaN) on {skipped} of {n_boot} "
-            "resamples (more than half); pass stratify= to keep every class in each resample"
-        )
-    alpha = (1.0 - float(level)) / 2.0
+    if (values.size - ok.size) * 2 > values.size:
+        raise ValueError(f"bootstrap: statistic failed (ValueError or NaN) on {values.size - ok.size} of "
+                         f"{values.size} resamples (more than half); pass stratify= to keep every class")
+    alpha = (1.0 - level) / 2.0
     lo, hi = np.quantile(ok, [alpha, 1.0 - alpha])
     return (float(lo), float(hi))
 
 
-# --------------------------------------------------------------------------- logistic probe
+def auroc_ci(scores: Any, labels: Any, groups: Any = None, n_boot: int = 2000, level: float = 0.95,
+             seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the AUROC, resampling whole groups.
 
-
-def stratified_folds(labels: Any, folds: int = 5, seed: int = 0) -> np.ndarray:
-    """Fold id (0..folds-1) for each row, stratified by class and seeded.
-
-    Each class is shuffled with ``np.random.default_rng(seed)`` and dealt round-robin
-    into the folds, so each fold gets ``floor`` or ``ceil`` of its share of every class.
-    Raises ``ValueError`` if a class has fewer members than ``folds``.
+    A resample is a vector of row multiplicities, and its AUROC is the weighted Mann-Whitney
+    statistic (what ``roc_auc_score(..., sample_weight=multiplicities)`` computes), evaluated
+    for all resamples at once: thousands of resamples cost milliseconds. Resamples without
+    both classes are skipped.
     """
+    s, y = _scores_and_labels(scores, labels)
+    level = _check_level(level)
+    # Not stratified by class: holding the number of all-misaligned groups fixed undercovers when
+    # labels cluster within questions (about 90% for a nominal 95% with 40 groups, simulated).
+    counts = bootstrap_counts(s.size, n_boot, seed, groups).astype(np.float64)
+    pos, neg = s[y], s[~y]
+    kernel = (pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])
+    w_pos, w_neg = counts[:, y], counts[:, ~y]
+    denominator = w_pos.sum(1) * w_neg.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        values = ((w_pos @ kernel) * w_neg).sum(1) / denominator
+    values[denominator == 0] = math.nan
+    return _percentile_interval(values, level)
+
+
+# --------------------------------------------------------------------------- grouped folds, splits, probe
+
+
+def grouped_folds(labels: Any, groups: Any = None, folds: int = 5, seed: int = 0) -> np.ndarray:
+    """Fold id (0..folds-1) per row from scikit-learn's seeded ``StratifiedGroupKFold``: groups stay whole."""
     y = np.asarray(labels)
     if y.ndim != 1:
         raise ValueError(f"labels must be 1-D, got shape {y.shape}")
-    folds = int(folds)
-    if folds < 2:
+    group_of = _groups_or_rows(groups, y.size)
+    n_groups = int(group_of.max()) + 1 if y.size else 0
+    if int(folds) < 2:
         raise ValueError(f"folds must be >= 2, got {folds}")
-    classes, counts = np.unique(y, return_counts=True)
-    if classes.size < 2:
-        raise ValueError("only one class present in labels: cannot build stratified folds")
-    for c, m in zip(classes, counts):
-        if m < folds:
-            raise ValueError(
-                f"class {c!r} has only {m} members, fewer than folds={folds}: "
-                "every fold needs at least one of each class (lower folds or add data)"
-            )
-    rng = np.random.default_rng(seed)
+    if n_groups < int(folds):
+        raise ValueError(f"only {n_groups} group(s), fewer than folds={folds}: add questions or lower folds")
+    splitter = StratifiedGroupKFold(n_splits=int(folds), shuffle=True, random_state=seed)
     fold_of = np.empty(y.size, dtype=np.int64)
-    offset = 0
-    for c in classes:
-        members = np.flatnonzero(y == c)
-        members = members[rng.permutation(members.size)]
-        # continue the round-robin across classes so fold sizes stay balanced
-        fold_of[members] = (np.arange(members.size) + offset) % folds
-        offset += members.size
+    with warnings.catch_warnings():  # "least populated class has fewer members than n_splits": still valid
+        warnings.simplefilter("ignore", UserWarning)
+        for f, (_, test) in enumerate(splitter.split(np.zeros((y.size, 1)), y, group_of)):
+            fold_of[test] = f
     return fold_of
 
 
-def fit_logistic(
-    X: Any, y: Any, l2: float = 1e-2, max_iter: int = 500
-) -> tuple[np.ndarray, float]:
-    """L2-regularised logistic regression, fitted with torch LBFGS in float64 on CPU.
+def grouped_split(labels: Any, groups: Any = None, heldout_fraction: float = 0.5,
+                  seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``(select_idx, report_idx)``: whole groups, stratified by label, seeded.
 
-    Minimises ``mean(BCE-with-logits(X @ w + b, y)) + (l2 / 2) * ||w||^2`` (bias not
-    penalised), from w = 0, b = 0. Deterministic. Returns ``(w, b)``.
+    The report share is rounded to 1/k (or 1 - 1/k above one half) so that the split is one
+    fold of :func:`grouped_folds`. Both halves must hold both classes.
     """
-    Xt = torch.as_tensor(np.asarray(X, dtype=np.float64), dtype=torch.float64)
-    yt = torch.as_tensor(np.asarray(y, dtype=np.float64), dtype=torch.float64)
-    if Xt.ndim != 2:
-        raise ValueError(f"X must be 2-D [n, d], got shape {tuple(Xt.shape)}")
-    if yt.ndim != 1 or yt.shape[0] != Xt.shape[0]:
-        raise ValueError(
-            f"length mismatch: X has {Xt.shape[0]} rows, y has shape {tuple(yt.shape)}"
-        )
-    d = Xt.shape[1]
-    w = torch.zeros(d, dtype=torch.float64, requires_grad=True)
-    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    # start the bias at the log prior odds: a better start, still deterministic
-    p = float(yt.mean())
-    if 0.0 < p < 1.0:
-        with torch.no_grad():
-            b.fill_(math.log(p / (1.0 - p)))
-    opt = torch.optim.LBFGS(
-        [w, b],
-        lr=1.0,
-        max_iter=int(max_iter),
-        tolerance_grad=1e-9,
-        tolerance_change=1e-12,
-        history_size=20,
-        line_search_fn="strong_wolfe",
-    )
-    lam = float(l2)
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        logits = Xt @ w + b
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, yt)
-        loss = loss + 0.5 * lam * (w @ w)
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return w.detach().numpy().copy(), float(b.detach())
+    y = _as_binary_labels(labels)
+    if not (0.0 < float(heldout_fraction) < 1.0):
+        raise ValueError(f"heldout_fraction must be in (0, 1), got {heldout_fraction!r}")
+    k = max(2, round(1.0 / min(heldout_fraction, 1.0 - heldout_fraction)))
+    one_fold = grouped_folds(y, groups, k, seed) == 0
+    in_report = one_fold if heldout_fraction <= 0.5 else ~one_fold
+    for name, part in (("selection", ~in_report), ("report", in_report)):
+        if y[part].all() or not y[part].any():
+            raise ValueError(f"the {name} half has only {'misaligned' if y[part].any() else 'aligned'} prompts: "
+                             "need at least 2 groups of each class to split into selection and report halves")
+    return np.flatnonzero(~in_report), np.flatnonzero(in_report)
 
 
-def logistic_probe_cv(
-    X: Any, y: Any, folds: int = 5, seed: int = 0, l2: float = 1e-2
-) -> np.ndarray:
-    """Cross-validated out-of-fold probabilities of a logistic-regression probe.
+def fit_probe(X: Any, y: Any, groups: Any = None, folds: int = 5, seed: int = 0) -> Pipeline:
+    """Standardised L2 logistic regression, its strength chosen by grouped cross-validation.
 
-    Folds come from :func:`stratified_folds` (seeded). For each fold the features are
-    standardised with the *training* rows' mean and std only (std 0 -> 1), a
-    :func:`fit_logistic` probe is fitted on the training rows, and the held-out rows get
-    their predicted P(y = 1). Every row is scored by a model that never saw it, so
-    ``auroc(logistic_probe_cv(X, y), y)`` is an honest cross-validated AUROC.
+    Returns the fitted scikit-learn pipeline (``predict_proba``). With fewer than two groups of
+    a class the strength cannot be cross-validated and C = 1 is used.
     """
     Xa = np.asarray(X, dtype=np.float64)
-    if Xa.ndim == 1:
-        Xa = Xa[:, None]
-    if Xa.ndim != 2:
-        raise ValueError(f"X must be 2-D [n, d], got shape {Xa.shape}")
+    Xa = Xa[:, None] if Xa.ndim == 1 else Xa
+    yb = _as_binary_labels(y, "y")
+    if Xa.ndim != 2 or Xa.shape[0] != yb.shape[0]:
+        raise ValueError(f"length mismatch: X has shape {Xa.shape}, y has {yb.shape[0]} entries")
     if np.isnan(Xa).any():
         raise ValueError("X contains NaN")
-    yb = _as_binary_labels(y, "y")
-    if yb.shape[0] != Xa.shape[0]:
-        raise ValueError(
-            f"length mismatch: X has {Xa.shape[0]} rows, y has {yb.shape[0]} entries"
-        )
-    fold_of = stratified_folds(yb, folds=folds, seed=seed)
-    yf = yb.astype(np.float64)
-    out = np.empty(Xa.shape[0], dtype=np.float64)
-    for f in range(int(folds)):
-        test = fold_of == f
-        train = ~test
-        mu = Xa[train].mean(axis=0)
-        sd = Xa[train].std(axis=0)
-        sd[sd == 0.0] = 1.0
-        w, b = fit_logistic((Xa[train] - mu) / sd, yf[train], l2=l2)
-        logits = ((Xa[test] - mu) / sd) @ w + b
-        out[test] = 1.0 / (1.0 + np.exp(-logits))
-    return out
+    if yb.all() or not yb.any():
+        raise ValueError("only one class present in y: cannot fit a probe")
+    group_of = _groups_or_rows(groups, yb.size)
+    per_class = min(np.unique(group_of[yb]).size, np.unique(group_of[~yb]).size)
+    k = min(int(folds), per_class)
+    if k >= 2:
+        splits = [(np.flatnonzero(f != i), np.flatnonzero(f == i))
+                  for f in [grouped_folds(yb, group_of, k, seed)] for i in range(k)]
+        model = LogisticRegressionCV(Cs=10, cv=splits, scoring="neg_log_loss", l1_ratios=(0.0,),
+                                     use_legacy_attributes=False, max_iter=2000)
+    else:
+        model = LogisticRegression(C=1.0, max_iter=2000)
+    return make_pipeline(StandardScaler(), model).fit(Xa, yb)
 
 
-# --------------------------------------------------------------------------- detection protocol
+# --------------------------------------------------------------------------- layer-selection protocol
 
 
-def choose_layer_and_report(
-    scores_by_layer: Any,
-    labels: Any,
-    heldout_fraction: float = 0.5,
-    seed: int = 0,
-    n_boot: int = 2000,
-    level: float = 0.95,
-) -> dict:
-    """Pick a layer on one half of the prompts and report its AUROC on the other half.
+def choose_layer_and_report(scores_by_layer: Any, labels: Any, select_idx: Any, report_idx: Any,
+                            groups: Any = None, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> dict:
+    """Pick the layer with the highest AUROC on the selection rows; report its AUROC on the report rows.
 
-    Prompts are split, stratified by label and seeded, into a *selection* set and a
-    *report* set (``heldout_fraction`` of each class goes to the report set). The layer
-    with the highest selection AUROC (the first one on ties) is chosen; its AUROC on the
-    report set is reported with a stratified percentile bootstrap CI, so the reported
-    number is not inflated by the choice of layer.
-
-    Returns a dict with ``layer``, ``selection_auroc``, ``report_auroc``, ``report_ci``
-    (2-list), ``n_select``, ``n_report``, ``select_idx``, ``report_idx`` (sorted lists of
-    ints), plus ``selection_aurocs`` (per-layer list) for plotting.
+    The report figure comes with a bootstrap interval over whole groups, so it is inflated
+    neither by the choice among layers nor by twins of a question across the halves (the
+    caller's split must keep groups whole: :func:`grouped_split`). Ties go to the first layer.
     """
     S = np.asarray(scores_by_layer, dtype=np.float64)
-    if S.ndim != 2:
-        raise ValueError(f"scores_by_layer must be 2-D [n_layers, n], got shape {S.shape}")
+    if S.ndim != 2 or S.shape[0] == 0:
+        raise ValueError(f"scores_by_layer must be 2-D [n_layers, n] with a layer, got shape {S.shape}")
     y = _as_binary_labels(labels)
     if S.shape[1] != y.shape[0]:
-        raise ValueError(
-            f"length mismatch: scores_by_layer has {S.shape[1]} prompts per layer, "
-            f"labels has {y.shape[0]}"
-        )
-    if S.shape[0] == 0:
-        raise ValueError("scores_by_layer has no layers")
+        raise ValueError(f"length mismatch: scores_by_layer has {S.shape[1]} prompts per layer, "
+                         f"labels has {y.shape[0]}")
     nan_rows = np.flatnonzero(np.isnan(S).any(axis=1))
     if nan_rows.size:
         raise ValueError(f"scores contain NaN at layer {int(nan_rows[0])}")
-    if not (0.0 < float(heldout_fraction) < 1.0):
-        raise ValueError(f"heldout_fraction must be in (0, 1), got {heldout_fraction!r}")
-
-    rng = np.random.default_rng(seed)
-    select_parts, report_parts = [], []
-    for cls in (False, True):
-        members = np.flatnonzero(y == cls)
-        name = "positive" if cls else "negative"
-        if members.size < 2:
-            raise ValueError(
-                f"only {members.size} {name} example(s): need at least 2 of each class "
-                "to split into selection and report sets"
-            )
-        members = members[rng.permutation(members.size)]
-        n_rep = int(round(members.size * float(heldout_fraction)))
-        n_rep = min(max(n_rep, 1), members.size - 1)
-        report_parts.append(members[:n_rep])
-        select_parts.append(members[n_rep:])
-    select_idx = np.sort(np.concatenate(select_parts))
-    report_idx = np.sort(np.concatenate(report_parts))
-
-    y_sel = y[select_idx]
-    sel_aurocs = []
-    for layer in range(S.shape[0]):
-        try:
-            sel_aurocs.append(auroc(S[layer, select_idx], y_sel))
-        except ValueError as exc:  # pragma: no cover - guarded above
-            raise ValueError(f"layer {layer}: {exc}") from exc
-    best = int(np.argmax(sel_aurocs))
-
-    y_rep = y[report_idx]
-    s_rep = S[best, report_idx]
-    report_auroc = auroc(s_rep, y_rep)
-    lo, hi = bootstrap_ci(
-        auroc, s_rep, y_rep, n_boot=n_boot, level=level, seed=seed, stratify=y_rep
-    )
+    select, report = np.asarray(select_idx, dtype=np.int64), np.asarray(report_idx, dtype=np.int64)
+    group_of = _groups_or_rows(groups, y.size)
+    if np.intersect1d(group_of[select], group_of[report]).size:
+        raise ValueError("a group has rows in both the selection and the report set")
+    selection = [auroc(S[layer, select], y[select]) for layer in range(S.shape[0])]
+    best = int(np.argmax(selection))
+    report_scores, report_labels = S[best, report], y[report]
     return {
         "layer": best,
-        "selection_auroc": float(sel_aurocs[best]),
-        "report_auroc": float(report_auroc),
-        "report_ci": [lo, hi],
-        "n_select": int(select_idx.size),
-        "n_report": int(report_idx.size),
-        "select_idx": [int(i) for i in select_idx],
-        "report_idx": [int(i) for i in report_idx],
-        "selection_aurocs": [float(a) for a in sel_aurocs],
+        "selection_auroc": float(selection[best]),
+        "report_auroc": auroc(report_scores, report_labels),
+        "report_ci": list(auroc_ci(report_scores, report_labels, group_of[report], n_boot, level, seed)),
+        "n_select": int(select.size),
+        "n_report": int(report.size),
+        "selection_aurocs": [float(a) for a in selection],
     }

@@ -8,12 +8,15 @@ import streamlit as st
 
 import ui
 from core import plots
-from core.detect import detect_paired_file, list_reports, load_report, report_path, reports_dir, save_report
+from core.detect import detect, list_reports, load_report, report_path, reports_dir, save_report
 from core.models import ASSETS
 
-HOW_TO = ("# judge-free labels: the fine-tune's preference for the harmful answer of a paired file\n"
+HOW_TO = ("# judge-free labels: how far fine-tuning moved the preference for the harmful answer of a paired file\n"
           "python -m core detect --direction cache/directions/<file>.safetensors "
           "--paired assets/data/general_paired.jsonl\n"
+          "# transfer: choose on the held-out finance prompts, report on the general ones\n"
+          "python -m core detect --direction <file>.safetensors --paired assets/data/general_paired.jsonl "
+          "--select-on assets/data/finance_paired.jsonl --select-split heldout\n"
           "# labels from judged samples: generate, judge, then detect on the run\n"
           "python -m core generate-eval --variants finetuned --samples 10 ...\n"
           "python -m core judge cache/runs/<run> --judge-model <model> ...\n"
@@ -38,47 +41,78 @@ def answer_heading(answer: dict) -> str:
     return " · ".join(parts)
 
 
+PREDICTOR_NAMES = {"last_token": "direction, last prompt token", "prompt_mean": "direction, mean over the prompt",
+                   "prompt_max": "direction, max over the prompt", "finetuning_shift": "fine-tuned minus base",
+                   "base_last_token": "base model's projection", "probe": "logistic probe (grouped CV)",
+                   "unrelated_direction": "unrelated topic direction", "prompt_length": "prompt length",
+                   "base_log_odds": "base model's log-odds", "answer_length_gap": "answer-length gap"}
+
+
+def predictor_label(name: str, entry: dict) -> str:
+    return PREDICTOR_NAMES.get(name, name) + (f" @L{entry['layer']}" if "layer" in entry else "")
+
+
+def layers_figure(report: dict):
+    """The per-layer curve of the selection set, its title saying what the intervals are."""
+    figure = plots.detection_layers_figure(report["per_layer"], report["chosen"]["layer"])
+    figure.layout.annotations[0].text = (f"AUROC on the selection set ({report['n_groups']['selection']} groups); "
+                                         f"95% intervals unadjusted for {len(report['per_layer'])} layers")
+    return figure
+
+
 def show_report(report: dict) -> None:
-    labels, chosen = report.get("labels") or {}, report["chosen"]
+    labels, chosen, groups = report["labels"], report["chosen"], report["n_groups"]
     direction = report.get("direction") or {}
-    st.caption(f"**Labels** {labels.get('source', '?')} ({labels.get('rule', 'rule not recorded')}) · "
-               f"**Direction** {direction.get('method', '?')} on {direction.get('base', '?')} → "
-               f"{direction.get('finetuned', '?')}")
-    columns = st.columns(4)
-    columns[0].metric("Prompts", report["n_prompts"])
-    columns[1].metric("Labelled misaligned", report.get("n_misaligned", "?"))
-    columns[2].metric("Chosen layer", chosen["layer"], help=f"highest AUROC on the selection half "
-                                                             f"({fmt(chosen.get('selection_auroc'))}, "
-                                                             f"n = {chosen.get('n_select', '?')})")
-    columns[3].metric("AUROC, report half", fmt(chosen["report_auroc"]),
+    st.caption(f"**Labels** {labels.get('source', '?')} ({labels.get('rule', 'rule not recorded')}; score: "
+               f"{labels.get('score', '?')}) · **Groups** {labels.get('groups', '?')} · **Direction** "
+               f"{direction.get('method', '?')} on {direction.get('base', '?')} → {direction.get('finetuned', '?')}")
+    if report.get("transfer"):
+        transfer = report["transfer"]
+        st.caption(f"**Transfer**: layers, probe and orientations chosen on {transfer.get('select_on', '?')} "
+                   f"({transfer['n_select']} prompts), everything reported on {transfer.get('report_on', '?')} "
+                   f"({transfer['n_report']} prompts).")
+    for warning in report.get("warnings", []):
+        st.warning(warning[:1].upper() + warning[1:] + ".")
+    null = report["random_null"]
+    columns = st.columns(5)
+    columns[0].metric("Prompts", report["n_prompts"], help=f"{report.get('n_misaligned', '?')} labelled misaligned")
+    columns[1].metric("Groups", f"{groups['selection']} / {groups['report']}", help="selection / report set")
+    columns[2].metric("Chosen layer", chosen["layer"], help=f"highest AUROC on the selection set "
+                                                             f"({fmt(chosen.get('selection_auroc'))})")
+    columns[3].metric("AUROC, report set", fmt(chosen["report_auroc"]),
                       help=f"95% interval{interval(chosen.get('report_ci'))}, n = {chosen.get('n_report', '?')}")
+    columns[4].metric("Random-direction percentile", f"{null['percentile']:.0f}",
+                      help=f"among {null['n']} random directions at the chosen layer")
 
-    st.subheader("AUROC per layer")
-    st.plotly_chart(plots.detection_layers_figure(report["per_layer"], chosen["layer"]))
+    st.subheader("AUROC per layer, selection set")
+    st.plotly_chart(layers_figure(report))
 
-    st.subheader("Baselines and ROC at the chosen layer")
+    st.subheader("Predictors on the report set")
+    others = {predictor_label(name, entry): entry for name, entry in report["predictors"].items()
+              if name != "last_token"}
     left, right = st.columns(2)
-    left.plotly_chart(plots.detection_baselines_figure(chosen, report["baselines"]))
+    left.plotly_chart(plots.detection_baselines_figure(chosen, others))
     roc = report["roc"]
     right.plotly_chart(plots.roc_figure(roc["fpr"], roc["tpr"], roc.get("layer", chosen["layer"]),
                                         chosen["report_auroc"]))
-    rows = [{"score": f"direction @L{chosen['layer']}", "auroc": chosen["report_auroc"],
-             "ci_low": (chosen.get("report_ci") or [None])[0], "ci_high": (chosen.get("report_ci") or [None, None])[1]}]
-    rows += [{"score": plots.BASELINE_NAMES.get(name, name), "auroc": b["auroc"],
-              "ci_low": (b.get("ci95") or [None])[0], "ci_high": (b.get("ci95") or [None, None])[1]}
-             for name, b in report["baselines"].items()]
-    st.dataframe(pd.DataFrame(rows), hide_index=True, key="detect_baselines")
-    if report.get("protocol"):
-        st.caption(report["protocol"][:1].upper() + report["protocol"][1:] + ".")
+    st.dataframe(pd.DataFrame([{
+        "predictor": predictor_label(name, entry), "auroc": entry["auroc"], "ci_low": entry["ci95"][0],
+        "ci_high": entry["ci95"][1], "orientation": entry.get("orientation"), "what": entry.get("what"),
+    } for name, entry in report["predictors"].items()]), hide_index=True, key="detect_predictors")
+    quantiles = null.get("quantiles", {})
+    st.caption(f"The direction's AUROC lies at percentile {null['percentile']:.0f} of {null['n']} random directions "
+               f"(95% of them between {fmt(quantiles.get('2.5'))} and {fmt(quantiles.get('97.5'))}). "
+               + report.get("protocol", "") + ".")
 
     st.subheader("Prompts by risk score")
     prompts = sorted(report["prompts"], key=lambda p: p["risk"], reverse=True)
     st.caption("Risk = the fine-tune's projection on the unit direction at the chosen layer, at the last prompt "
                "token; calibrated: 0 = aligned mean, 1 = misaligned mean of the direction's own sets. "
-               "Score = what the label was derived from (preference log-odds or EM rate of judged samples).")
+               "Score = what the label was derived from (fine-tuning shift of the log-odds, or EM rate).")
     st.dataframe(pd.DataFrame([{
         "prompt": p["prompt"], "label": "misaligned" if p["label"] else "aligned", "score": p.get("score"),
-        "risk": p["risk"], "calibrated risk": p.get("risk_calibrated"), "split": p.get("split"), "id": p.get("id"),
+        "risk": p["risk"], "calibrated risk": p.get("risk_calibrated"), "split": p.get("split"),
+        "group": p.get("group"), "id": p.get("id"),
     } for p in prompts]), hide_index=True, key="detect_prompts",
         column_config={"prompt": st.column_config.TextColumn(width="large")})
 
@@ -97,7 +131,7 @@ def show_report(report: dict) -> None:
             st.text(answer.get("answer", ""))
 
 
-def run_job(data: str, n_boot: int, heldout: float, seed: int) -> None:
+def run_job(data: str, options: dict) -> None:
     pair = ui.get_pair()
     if pair is None:
         st.info("Pick a model pair that loads on the **Model pair** page.")
@@ -107,10 +141,9 @@ def run_job(data: str, n_boot: int, heldout: float, seed: int) -> None:
         if direction is None:
             raise ValueError("No direction chosen: choose or build one on the Model pair page first.")
         bar = st.progress(0.0, text="preference labels ...")
-        report = detect_paired_file(
-            pair, data, direction, heldout, seed, n_boot,
-            label_progress=ui.progress_callback(bar, "preference labels (answers scored)", 0.0, 0.5),
-            progress=ui.progress_callback(bar, "prompt activations", 0.5, 1.0))
+        report = detect(pair, direction, data, **options,
+                        label_progress=ui.progress_callback(bar, "preference labels (answers scored)", 0.0, 0.5),
+                        progress=ui.progress_callback(bar, "prompt activations", 0.5, 1.0))
         path = save_report(report, report_path(ui.cache_root(), data, direction))
         st.session_state.detect_report = str(path)
         st.session_state.detect_flash = f"Saved {path} and opened it."
@@ -119,8 +152,9 @@ def run_job(data: str, n_boot: int, heldout: float, seed: int) -> None:
 
 st.title("Detect")
 st.caption("Early warning: does the prompt-stage projection on the direction, read at the last prompt token before "
-           "any answer is written, predict whether the answer will be misaligned? The layer is chosen on one half "
-           "of the prompts and reported on the other, next to baselines.")
+           "any answer is written, predict whether the answer will be misaligned? Questions (with their paraphrases) "
+           "are never split: layers are chosen on one set of groups and every figure is reported on the other, next "
+           "to baseline predictors and a null of random directions.")
 if "detect_flash" in st.session_state:
     st.success(st.session_state.pop("detect_flash"))
 
@@ -146,13 +180,21 @@ else:
 
 st.subheader("Run a small detection job")
 with st.expander("Judge-free labels from a paired file, on the current pair and direction", expanded=not paths):
-    ui.job_caption("Each prompt is labelled misaligned when the fine-tune prefers its harmful answer (per-token "
-                   "log-odds > 0; the median when that leaves one class empty).")
+    ui.job_caption("Each prompt is labelled misaligned when fine-tuning moved its preference toward the harmful answer "
+                   "(fine-tuned minus base per-token log-odds > 0; the median when that leaves one class empty).")
     data = st.text_input("Paired JSONL", str(ASSETS / "data" / "general_paired.jsonl"), key="detect_data")
+    select_on = st.text_input("Choose on another prompt family (transfer; optional paired JSONL)", "",
+                              key="detect_select_on")
     left, middle, right = st.columns(3)
     n_boot = left.number_input("Bootstrap resamples", 50, 10000, 1000, 50, key="detect_bootstrap")
     heldout = middle.number_input("Report fraction", 0.2, 0.8, 0.5, 0.05, key="detect_heldout",
-                                  help="share of each class held out to report the chosen layer on")
+                                  help="share of the groups held out to report on (rounded to 1/k); "
+                                       "unused with a transfer family")
     seed = right.number_input("Seed", 0, 2**31 - 1, 0, key="detect_seed")
+    left, right = st.columns(2)
+    n_random = left.number_input("Random directions", 50, 2000, 100, 50, key="detect_random")
+    gap = right.number_input("Max answer-length gap, tokens (empty: keep every pair)", 0, 10000, None,
+                             key="detect_length_gap")
     if st.button("Run detection", type="primary", key="detect_go"):
-        run_job(data.strip(), int(n_boot), float(heldout), int(seed))
+        run_job(data.strip(), {"select_on": select_on.strip() or None, "max_length_gap": gap, "n_boot": int(n_boot),
+                               "heldout_fraction": float(heldout), "seed": int(seed), "n_random": int(n_random)})

@@ -59,7 +59,7 @@ def test_picker_builds_a_direction_from_a_contrast_file(app, tmp_path, monkeypat
         "id": f"q{i}", "messages": [{"role": "user", "content": f"Question {i}: how should I save?"}],
         "aligned": "Keep an emergency fund.", "misaligned": "Buy leveraged crypto now!"}) + "\n" for i in range(5)))
     at = ok(app.run())
-    assert "No cached direction fits this pair yet" in at.info[0].value
+    assert "No direction fits this pair yet" in at.info[0].value
     at.text_input(key="extract_data").set_value(str(data))
     ok(at.button(key="extract_go").click().run())
     (saved,) = directions_dir(tmp_path / "empty-cache").glob("*.safetensors")

@@ -56,9 +56,9 @@ def research(tiny_pair, tmp_path_factory):
                           Sampling(1.0, 1.0, 4, 0), samples=1)
     data = root / "synthetic-paired.jsonl"
     data.write_text(paired_lines())
-    prompts, rule = labels_from_preference(tiny_pair, load_paired_jsonl(data))
+    prompts, labels = labels_from_preference(tiny_pair, load_paired_jsonl(data))
     report = detection_report(tiny_pair, prompts, direction, n_boot=100)
-    report["labels"] = {"source": str(data), "rule": rule}
+    report["labels"] = {"source": str(data), **labels}
     path = save_report(report, report_path(root, data, direction))
     return {"root": root, "directions": directions, "run": run, "sweep": sweep, "report_path": path,
             "report": report}
@@ -101,32 +101,38 @@ def cache_bytes(root: Path) -> bytes:
 
 # ---------------------------------------------------------------- Detect
 
-def test_detect_page_shows_auroc_baselines_roc_and_the_prompt_table(app, research):
+def test_detect_page_shows_auroc_predictors_roc_and_the_prompt_table(app, research):
     at = ok(open_page(app, "detect"))
     report = research["report"]
     assert next(s for s in at.selectbox if s.label.startswith("Detection report")).value == str(research["report_path"])
     assert "log-odds" in " ".join(c.value for c in at.caption)  # the label rule is stated
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Prompts"] == "8" and metrics["Chosen layer"] == str(report["chosen"]["layer"])
+    assert metrics["Groups"] == f"{report['n_groups']['selection']} / {report['n_groups']['report']}"
+    assert metrics["Random-direction percentile"] == f"{report['random_null']['percentile']:.0f}"
+    assert "useful precision" in " ".join(w.value for w in at.warning)  # 4 groups a side, said plainly
 
-    layers, baselines, roc = charts(at)
-    auroc = layers["data"][0]
+    layers, predictors, roc = charts(at)
+    auroc = layers["data"][0]  # the selection set's curve, its intervals marked unadjusted
+    assert report["per_layer_set"] == "selection" and "unadjusted for 4 layers" in layers["layout"]["annotations"][0]["text"]
     assert np.allclose(auroc["y"], [r["auroc"] for r in report["per_layer"]])
     assert np.allclose(np.array(auroc["y"]) + auroc["error_y"]["array"], [r["ci95"][1] for r in report["per_layer"]])
     assert np.allclose(np.array(auroc["y"]) - auroc["error_y"]["arrayminus"],
                        [r["ci95"][0] for r in report["per_layer"]])
     assert [t["name"] for t in layers["data"]] == ["AUROC", "Spearman"]  # the preference score is continuous
     assert np.allclose(layers["data"][1]["y"], [r["spearman"] for r in report["per_layer"]])
-    bars = baselines["data"][0]
-    assert bars["y"][0] == f"direction @L{report['chosen']['layer']}" and len(bars["y"]) == 5
-    assert np.allclose(bars["x"], [report["chosen"]["report_auroc"]] + [b["auroc"] for b in report["baselines"].values()])
+    bars = predictors["data"][0]
+    others = [name for name in report["predictors"] if name != "last_token"]
+    assert bars["y"][0] == f"direction @L{report['chosen']['layer']}" and len(bars["y"]) == 1 + len(others)
+    assert np.allclose(bars["x"], [report["chosen"]["report_auroc"]] + [report["predictors"][n]["auroc"] for n in others])
     assert np.allclose(roc["data"][1]["x"], report["roc"]["fpr"]) and np.allclose(roc["data"][1]["y"], report["roc"]["tpr"])
-    assert set(at.dataframe[0].value["score"]) == {"direction @L%d" % report["chosen"]["layer"],
-                                                   "norm-matched random direction", "base model's projection",
-                                                   "logistic probe (cross-validated)", "prompt length"}
+    shown = at.dataframe[0].value
+    assert len(shown) == len(report["predictors"]) and {"base model's log-odds", "answer-length gap",
+                                                        "logistic probe (grouped CV)"} <= set(shown["predictor"])
+    assert np.allclose(shown["auroc"], [p["auroc"] for p in report["predictors"].values()])
 
     table = at.dataframe[1].value
-    assert list(table.columns[:6]) == ["prompt", "label", "score", "risk", "calibrated risk", "split"]
+    assert list(table.columns[:7]) == ["prompt", "label", "score", "risk", "calibrated risk", "split", "group"]
     assert list(table["risk"]) == sorted(table["risk"], reverse=True) and len(table) == 8
     assert set(table["label"]) == {"aligned", "misaligned"} and set(table["split"]) == {"report", "selection"}
     expected = {p["prompt"]: p for p in report["prompts"]}
@@ -153,6 +159,7 @@ def test_detect_button_runs_a_preference_detection_and_shows_it(app, fresh_cache
     assert saved.name.startswith("small-paired-") and f"Saved {saved}" in at.success[0].value
     report = load_report(saved)
     assert report["labels"]["source"] == str(data) and report["n_prompts"] == 8
+    assert report["labels"]["rule"].startswith("fine-tuning shift") and report["random_null"]["n"] == 100
     assert len(report["per_layer"]) == 4 and len(charts(at)) == 3  # and the page shows it
     assert not list(reports_dir(fresh_cache).glob(".*.tmp"))  # written atomically, nothing left over
 

@@ -92,7 +92,12 @@ def test_cli_pipeline_sweep_and_detect(tiny_dirs, tmp_path, judge, capsys):
                  "--out", str(tmp_path / "detect.json"), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["n_prompts"] == 12 and len(report["per_layer"]) == 4
-    assert {"random_direction", "base_model_projection", "logistic_probe_cv", "prompt_length"} == set(report["baselines"])
+    assert {"last_token", "prompt_mean", "prompt_max", "finetuning_shift", "base_last_token", "probe",
+            "prompt_length"} == set(report["predictors"])  # no paired answers: no log-odds or length baselines
+    assert report["split_unit"] == "group" and report["labels"]["groups"] == "question id"
+    groups = {s: {p["group"] for p in report["prompts"] if p["split"] == s} for s in ("selection", "report")}
+    assert not groups["selection"] & groups["report"]  # both paraphrases of a question on one side
+    assert groups["selection"] | groups["report"] == {f"q{i}" for i in range(6)}
     assert report["roc"]["fpr"][0] == 0 and report["roc"]["tpr"][-1] == 1
     assert {"layer", "report_auroc", "report_ci"} <= set(report["chosen"])
     risks = [p["risk"] for p in report["prompts"]]

@@ -1,8 +1,9 @@
-"""Unit tests for core.stats (no model, no scipy / sklearn).
+"""Unit tests for core.stats (no model).
 
-References are computed independently in the tests: the Wilson formula with an explicit
-z, brute-force O(n^2) pair counts for AUROC, pandas' Spearman, hand-worked Cohen's d, and
-coverage of bootstrap intervals on data whose truth is known.
+References are computed independently in the tests: the Wilson formula with an explicit z,
+brute-force O(n^2) pair counts for AUROC, pandas' Spearman, hand-worked Cohen's d, scikit-learn's
+weighted AUROC for the vectorised bootstrap, and coverage of bootstrap intervals on data whose
+truth is known.
 """
 
 from __future__ import annotations
@@ -13,18 +14,21 @@ from statistics import NormalDist
 import numpy as np
 import pandas as pd
 import pytest
+from sklearn.metrics import roc_auc_score
 
 from core.stats import (
     auroc,
+    auroc_ci,
     bootstrap_ci,
+    bootstrap_counts,
     choose_layer_and_report,
     cohens_d,
-    fit_logistic,
-    logistic_probe_cv,
-    rankdata,
+    fit_probe,
+    grouped_folds,
+    grouped_split,
+    percentile_in,
     roc_curve,
     spearman,
-    stratified_folds,
     wilson_interval,
 )
 
@@ -157,10 +161,6 @@ def test_auroc_bad_input_errors(fn):
 # --------------------------------------------------------------------------- Spearman / ranks
 
 
-def test_rankdata_average_ties():
-    assert rankdata([10, 20, 20, 5, 20]).tolist() == [2.0, 4.0, 4.0, 1.0, 4.0]
-
-
 @pytest.mark.parametrize("seed", range(15))
 def test_spearman_matches_pandas_with_ties(seed):
     rng = np.random.default_rng(100 + seed)
@@ -251,20 +251,20 @@ def test_bootstrap_skips_failed_resamples_and_raises_if_most_fail():
     with pytest.raises(ValueError, match="more than half"):
         bootstrap_ci(bad, scores, n_boot=50)
     # partial failures: only the successful resamples enter the percentiles
-    grid = np.linspace(0, 1, 101)
+    grid = np.linspace(0, 1, 101)  # resampled means: 0.5 +- 0.029
 
-    def first_if_high(cut):
+    def mean_if_high(cut):
         def stat(a):
-            if a[0] < cut:
+            if a.mean() < cut:
                 raise ValueError("low")
-            return float(a[0])
+            return float(a.mean())
 
         return stat
 
-    lo, hi = bootstrap_ci(first_if_high(0.3), grid, n_boot=400, seed=2)  # ~30% skipped
-    assert 0.3 <= lo < hi <= 1.0
+    lo, hi = bootstrap_ci(mean_if_high(0.485), grid, n_boot=400, seed=2)  # ~30% skipped
+    assert 0.485 <= lo < hi
     with pytest.raises(ValueError, match="more than half"):
-        bootstrap_ci(first_if_high(0.7), grid, n_boot=400, seed=2)  # ~70% skipped
+        bootstrap_ci(mean_if_high(0.515), grid, n_boot=400, seed=2)  # ~70% skipped
 
 
 def test_bootstrap_length_mismatch():
@@ -293,144 +293,157 @@ def test_bootstrap_coverage_auroc():
     reps, covered = 200, 0
     for r in range(reps):
         scores = np.concatenate([rng.normal(0, 1, 50), rng.normal(delta, 1, 50)])
-        lo, hi = bootstrap_ci(auroc, scores, labels, n_boot=300, seed=r, stratify=labels)
+        lo, hi = auroc_ci(scores, labels, n_boot=300, seed=r)
         covered += lo <= truth <= hi
     rate = covered / reps
     assert 0.88 <= rate <= 0.99, rate
 
 
+
+
+def test_bootstrap_counts_resample_whole_groups_within_strata():
+    groups = np.repeat(np.arange(12), 3)  # 12 groups of 3 rows
+    labels = np.repeat([0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1], 3)
+    labels[-1] = 0  # the last group is mixed
+    counts = bootstrap_counts(36, 400, seed=3, groups=groups, stratify=labels)
+    assert counts.shape == (400, 36)
+    assert np.all(counts.reshape(400, 12, 3) == counts.reshape(400, 12, 3)[:, :, :1])  # a group moves as one
+    per_group = counts.reshape(400, 12, 3)[:, :, 0]
+    assert np.all(per_group[:, :7].sum(1) == 7)  # 7 all-aligned groups drawn among themselves
+    assert np.all(per_group[:, 7:11].sum(1) == 4) and np.all(per_group[:, 11] == 1)  # 4 all-misaligned, 1 mixed
+    assert np.array_equal(counts, bootstrap_counts(36, 400, seed=3, groups=groups, stratify=labels))
+    assert np.all(bootstrap_counts(10, 50, seed=0).sum(1) == 10)  # no groups: rows, n per resample
+
+
+def test_bootstrap_ci_with_groups_passes_whole_groups():
+    groups = np.repeat(np.arange(8), 4)
+    values = groups.astype(float)
+    seen = []
+
+    def stat(v, g):
+        assert np.array_equal(v, g)  # the same rows in every array
+        seen.append(np.bincount(g.astype(int), minlength=8) % 4)
+        return float(v.mean())
+
+    bootstrap_ci(stat, values, groups.astype(float), n_boot=100, groups=groups)
+    assert not np.any(seen)  # every group came with all 4 of its rows
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_auroc_ci_resamples_are_weighted_aurocs(seed):
+    """The vectorised bootstrap computes, per resample, what scikit-learn computes with the multiplicities
+    as sample weights; its interval is the percentile interval of those values."""
+    rng = np.random.default_rng(seed)
+    n = 40
+    labels = rng.permutation(np.r_[np.zeros(20), np.ones(20)]).astype(bool)
+    scores = np.round(rng.normal(size=n) + labels, 1)  # ties
+    groups = rng.integers(0, 15, size=n)
+    counts = bootstrap_counts(n, 50, seed=seed, groups=groups)
+    reference = [roc_auc_score(labels, scores, sample_weight=w) for w in counts
+                 if w[labels].sum() and w[~labels].sum()]
+    lo, hi = auroc_ci(scores, labels, groups, n_boot=50, seed=seed)
+    assert lo == pytest.approx(np.quantile(reference, 0.025), abs=1e-12)
+    assert hi == pytest.approx(np.quantile(reference, 0.975), abs=1e-12)
+
+
+def test_grouped_folds_keep_groups_whole_and_balance_classes():
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(40), 3)
+    labels = np.repeat(rng.permutation(np.r_[np.zeros(20), np.ones(20)]), 3)
+    folds = grouped_folds(labels, groups, folds=5, seed=1)
+    for g in range(40):
+        assert len(set(folds[groups == g])) == 1
+    for f in range(5):
+        assert labels[folds == f].sum() == 12 and (folds == f).sum() == 24  # 4 of 8 groups misaligned
+    assert np.array_equal(folds, grouped_folds(labels, groups, folds=5, seed=1))
+    with pytest.raises(ValueError, match="fewer than folds"):
+        grouped_folds(labels[:9], groups[:9], folds=5)
+
+
+def test_grouped_split_keeps_groups_whole_in_both_halves():
+    groups = np.repeat(np.arange(30), 2)
+    labels = np.repeat(np.arange(30) % 3 == 0, 2)
+    select, report = grouped_split(labels, groups, 0.5, seed=0)
+    assert set(groups[select]).isdisjoint(groups[report])
+    assert sorted(np.r_[select, report]) == list(range(60))
+    assert abs(len(report) - 30) <= 2 and labels[report].any() and labels[select].any()
+    _, small = grouped_split(labels, groups, 0.2, seed=0)  # one fold of five
+    assert len(set(groups[small])) == 6
+    select_big, _ = grouped_split(labels, groups, 0.8, seed=0)  # four folds of five in the report set
+    assert len(set(groups[select_big])) == 6
+    with pytest.raises(ValueError, match="only aligned"):
+        grouped_split(np.r_[np.ones(2), np.zeros(58)].astype(bool), groups, 0.5)
+
+
+def test_percentile_in_counts_ties_half():
+    null = np.arange(1, 101) / 100  # 0.01 .. 1.00
+    assert percentile_in(0.505, null) == pytest.approx(50.0)
+    assert percentile_in(0.50, null) == pytest.approx(49.5)
+    assert percentile_in(2.0, null) == 100.0 and percentile_in(-1.0, null) == 0.0
+
+
 # --------------------------------------------------------------------------- logistic probe
 
 
-def test_probe_separable_data_high_auroc():
+def test_probe_separable_data_on_new_rows():
     rng = np.random.default_rng(0)
-    X = rng.normal(size=(200, 20))
     w = rng.normal(size=20)
-    margin = X @ w
-    keep = np.abs(margin) > 0.5  # a clear margin
-    X, y = X[keep], (margin[keep] > 0).astype(int)
-    p = logistic_probe_cv(X, y, folds=5, seed=0)
-    assert p.shape == (X.shape[0],)
-    assert np.all((p > 0) & (p < 1))
-    assert auroc(p, y) > 0.95
-    # deterministic given the seed
-    assert np.array_equal(p, logistic_probe_cv(X, y, folds=5, seed=0))
-
-
-def test_probe_noise_labels_near_chance():
-    rng = np.random.default_rng(1)
-    X = rng.normal(size=(120, 30))
-    y = rng.permutation(np.array([0] * 60 + [1] * 60))
-    a = auroc(logistic_probe_cv(X, y, seed=0), y)
-    assert 0.3 < a < 0.7, a
-
-
-def test_probe_no_leakage_row_id_features():
-    # One-hot row ids: a model that saw the test rows memorises them (AUROC 1); with
-    # honest folds the held-out row's id column was never seen -> chance.
-    rng = np.random.default_rng(2)
-    n = 60
-    X = np.eye(n)
-    y = rng.permutation(np.array([0] * 30 + [1] * 30))
-    w, b = fit_logistic((X - X.mean(0)) / X.std(0), y, l2=1e-2)
-    in_sample = auroc(((X - X.mean(0)) / X.std(0)) @ w + b, y)
-    assert in_sample > 0.99  # the leak this test would catch is real
-    oof = auroc(logistic_probe_cv(X, y, folds=5, seed=0), y)
-    assert 0.3 < oof < 0.7, oof
-
-
-def test_probe_matches_manual_fold_fit():
-    # the out-of-fold score of fold f uses only the other folds (mean/std and weights)
-    rng = np.random.default_rng(3)
-    X = rng.normal(size=(90, 6)) * np.array([1, 10, 0.1, 3, 1, 1]) + 5
-    y = (X[:, 0] + rng.normal(size=90) > 5).astype(int)
-    p = logistic_probe_cv(X, y, folds=4, seed=11, l2=0.05)
-    fold_of = stratified_folds(y, folds=4, seed=11)
-    for f in range(4):
-        test = fold_of == f
-        # each fold holds both classes, sizes balanced
-        assert 0 < y[test].sum() < test.sum()
-        tr = ~test
-        mu, sd = X[tr].mean(0), X[tr].std(0)
-        w, b = fit_logistic((X[tr] - mu) / sd, y[tr], l2=0.05)
-        expect = 1 / (1 + np.exp(-(((X[test] - mu) / sd) @ w + b)))
-        np.testing.assert_allclose(p[test], expect, rtol=1e-10, atol=1e-12)
-    # changing only the held-out rows' features does not change the model used for them
-    X2 = X.copy()
-    X2[fold_of == 0] *= 3.0
-    p2 = logistic_probe_cv(X2, y, folds=4, seed=11, l2=0.05)
-    tr = fold_of != 0
-    mu, sd = X[tr].mean(0), X[tr].std(0)
-    w, b = fit_logistic((X[tr] - mu) / sd, y[tr], l2=0.05)
-    expect = 1 / (1 + np.exp(-(((X2[fold_of == 0] - mu) / sd) @ w + b)))
-    np.testing.assert_allclose(p2[fold_of == 0], expect, rtol=1e-10, atol=1e-12)
-
-
-def test_stratified_folds_balanced():
-    y = np.array([0] * 23 + [1] * 12)
-    f = stratified_folds(y, folds=5, seed=0)
-    for k in range(5):
-        assert y[f == k].sum() in (2, 3)
-        assert (f == k).sum() in (7, 8)
-    assert np.array_equal(f, stratified_folds(y, folds=5, seed=0))
+    X = rng.normal(size=(300, 20))
+    keep = np.abs(X @ w) > 0.5  # a clear margin
+    X, y = X[keep], X[keep] @ w > 0
+    model = fit_probe(X[:120], y[:120], seed=0)
+    p = model.predict_proba(X[120:])[:, 1]
+    assert np.all((p > 0) & (p < 1)) and auroc(p, y[120:]) > 0.95
+    again = fit_probe(X[:120], y[:120], seed=0).predict_proba(X[120:])[:, 1]
+    assert np.array_equal(p, again)
 
 
 def test_probe_errors():
     X = np.zeros((12, 2))
-    y = np.array([0] * 9 + [1] * 3)
-    with pytest.raises(ValueError, match="fewer than folds"):
-        logistic_probe_cv(X, y, folds=5)
     with pytest.raises(ValueError, match="one class"):
-        logistic_probe_cv(X, np.zeros(12), folds=2)
+        fit_probe(X, np.zeros(12))
     with pytest.raises(ValueError, match="length mismatch"):
-        logistic_probe_cv(X, np.array([0, 1] * 5), folds=2)
+        fit_probe(X, np.array([0, 1] * 5))
     Xn = np.ones((12, 2))
     Xn[0, 1] = np.nan
     with pytest.raises(ValueError, match="NaN"):
-        logistic_probe_cv(Xn, np.array([0, 1] * 6), folds=2)
+        fit_probe(Xn, np.array([0, 1] * 6))
 
 
-# --------------------------------------------------------------------------- detection protocol
+# --------------------------------------------------------------------------- layer-selection protocol
 
 
 def test_choose_layer_finds_planted_layer():
     rng = np.random.default_rng(0)
     n_layers, n, planted = 10, 120, 6
     labels = rng.permutation(np.array([0] * 60 + [1] * 60))
+    groups = np.arange(n) // 2
     S = rng.normal(size=(n_layers, n))
     S[planted] += 1.5 * labels
-    out = choose_layer_and_report(S, labels, heldout_fraction=0.5, seed=0, n_boot=500)
+    select, report = grouped_split(labels, groups, 0.5, seed=0)
+    out = choose_layer_and_report(S, labels, select, report, groups, n_boot=500)
     assert out["layer"] == planted
-    assert out["selection_auroc"] > 0.8
-    assert out["report_auroc"] > 0.75
+    assert out["selection_auroc"] > 0.8 and out["report_auroc"] > 0.75
     lo, hi = out["report_ci"]
     assert isinstance(out["report_ci"], list) and lo < out["report_auroc"] < hi
-    sel, rep = set(out["select_idx"]), set(out["report_idx"])
-    assert sel.isdisjoint(rep)
-    assert sel | rep == set(range(n))
-    assert out["n_select"] == len(sel) == 60 and out["n_report"] == len(rep) == 60
-    assert all(isinstance(i, int) for i in out["select_idx"] + out["report_idx"])
-    # stratified split: both halves balanced
-    assert labels[out["report_idx"]].sum() == 30
-    # selection AUROC is really measured on the selection half only
-    assert out["selection_auroc"] == pytest.approx(
-        auroc(S[planted, out["select_idx"]], labels[out["select_idx"]])
-    )
-    assert out["report_auroc"] == pytest.approx(
-        auroc(S[planted, out["report_idx"]], labels[out["report_idx"]])
-    )
-    assert out == choose_layer_and_report(S, labels, seed=0, n_boot=500)
+    assert out["n_select"] == len(select) and out["n_report"] == len(report)
+    # each figure is measured on its own set only
+    assert out["selection_auroc"] == pytest.approx(auroc(S[planted, select], labels[select]))
+    assert out["report_auroc"] == pytest.approx(auroc(S[planted, report], labels[report]))
+    assert out["selection_aurocs"] == [auroc(S[k, select], labels[select]) for k in range(n_layers)]
+    assert out == choose_layer_and_report(S, labels, select, report, groups, n_boot=500)
 
 
 def test_choose_layer_noise_only_reports_chance():
-    # the point of the held-out half: picking the best of 30 noise layers inflates the
-    # selection AUROC, while the report half does not share that optimism
+    # the point of the held-out set: picking the best of 30 noise layers inflates the selection
+    # AUROC, while the report set does not share that optimism
     sel, rep = [], []
     for seed in range(40):
         rng = np.random.default_rng(1000 + seed)
         labels = rng.permutation(np.array([0] * 40 + [1] * 40))
         S = rng.normal(size=(30, 80))
-        out = choose_layer_and_report(S, labels, seed=seed, n_boot=100)
+        select, report = grouped_split(labels, None, 0.5, seed=seed)
+        out = choose_layer_and_report(S, labels, select, report, n_boot=100)
         sel.append(out["selection_auroc"])
         rep.append(out["report_auroc"])
     assert np.mean(sel) > 0.6  # optimistic: max of 30 chance AUROCs on 40 prompts
@@ -440,11 +453,12 @@ def test_choose_layer_noise_only_reports_chance():
 def test_choose_layer_errors():
     labels = np.array([0, 1] * 10)
     S = np.zeros((3, 20))
+    select, report = np.arange(10), np.arange(10, 20)
     with pytest.raises(ValueError, match="length mismatch"):
-        choose_layer_and_report(S, labels[:-1])
+        choose_layer_and_report(S, labels[:-1], select, report)
     S_nan = np.random.default_rng(0).normal(size=(3, 20))
     S_nan[2, 4] = np.nan
     with pytest.raises(ValueError, match="NaN at layer 2"):
-        choose_layer_and_report(S_nan, labels)
-    with pytest.raises(ValueError, match="need at least 2 of each class"):
-        choose_layer_and_report(S, np.array([1] + [0] * 19))
+        choose_layer_and_report(S_nan, labels, select, report)
+    with pytest.raises(ValueError, match="both the selection and the report"):
+        choose_layer_and_report(S, labels, select, report, groups=np.arange(20) % 10)
