@@ -155,46 +155,54 @@ st.caption("Early warning: does the prompt-stage projection on the direction, re
            "any answer is written, predict whether the answer will be misaligned? Questions (with their paraphrases) "
            "are never split: layers are chosen on one set of groups and every figure is reported on the other, next "
            "to baseline predictors and a null of random directions.")
-if "detect_flash" in st.session_state:
-    st.success(st.session_state.pop("detect_flash"))
-
-root = ui.cache_root()
-paths = [str(p) for p in list_reports(root)]
-if not paths:
-    st.info(f"No detection report in the cache yet ({reports_dir(root)}). Run the small job below, or from the "
-            "command line:")
-    st.code(HOW_TO, language="bash")
+view = st.segmented_control("View", ["Prompt stage", "Training"], default="Prompt stage", required=True,
+                            key="detect_view")
+if view == "Training":
+    st.caption("The monitor curves of a training run (`python -m core train --monitor PROBES.jsonl`): the probe "
+               "prompts' mean projection on the direction and the preference shift on held-out pairs at every "
+               "checkpoint, and how many steps the projection crossed its threshold before the behaviour did.")
+    ui.training_view_picker(key="detect_training")
 else:
-    chosen_path = st.session_state.get("detect_report")
-    path = st.selectbox(
-        "Detection report (newest first)", paths, index=paths.index(chosen_path) if chosen_path in paths else 0,
-        format_func=lambda p: f"{Path(p).name} · {datetime.fromtimestamp(Path(p).stat().st_mtime):%Y-%m-%d %H:%M}"
-        if Path(p).exists() else Path(p).name)
-    st.session_state.detect_report = path
-    loaded = None
-    with ui.guard():
-        loaded = load_report(path)
-    if loaded is not None:
-        with ui.guard():
-            show_report(loaded)
+    if "detect_flash" in st.session_state:
+        st.success(st.session_state.pop("detect_flash"))
 
-st.subheader("Run a small detection job")
-with st.expander("Judge-free labels from a paired file, on the current pair and direction", expanded=not paths):
-    ui.job_caption("Each prompt is labelled misaligned when fine-tuning moved its preference toward the harmful answer "
-                   "(fine-tuned minus base per-token log-odds > 0; the median when that leaves one class empty).")
-    data = st.text_input("Paired JSONL", str(ASSETS / "data" / "general_paired.jsonl"), key="detect_data")
-    select_on = st.text_input("Choose on another prompt family (transfer; optional paired JSONL)", "",
-                              key="detect_select_on")
-    left, middle, right = st.columns(3)
-    n_boot = left.number_input("Bootstrap resamples", 50, 10000, 1000, 50, key="detect_bootstrap")
-    heldout = middle.number_input("Report fraction", 0.2, 0.8, 0.5, 0.05, key="detect_heldout",
-                                  help="share of the groups held out to report on (rounded to 1/k); "
-                                       "unused with a transfer family")
-    seed = right.number_input("Seed", 0, 2**31 - 1, 0, key="detect_seed")
-    left, right = st.columns(2)
-    n_random = left.number_input("Random directions", 50, 2000, 100, 50, key="detect_random")
-    gap = right.number_input("Max answer-length gap, tokens (empty: keep every pair)", 0, 10000, None,
-                             key="detect_length_gap")
-    if st.button("Run detection", type="primary", key="detect_go"):
-        run_job(data.strip(), {"select_on": select_on.strip() or None, "max_length_gap": gap, "n_boot": int(n_boot),
-                               "heldout_fraction": float(heldout), "seed": int(seed), "n_random": int(n_random)})
+    root = ui.cache_root()
+    paths = [str(p) for p in list_reports(root)]
+    if not paths:
+        st.info(f"No detection report in the cache yet ({reports_dir(root)}). Run the small job below, or from the "
+                "command line:")
+        st.code(HOW_TO, language="bash")
+    else:
+        chosen_path = st.session_state.get("detect_report")
+        path = st.selectbox(
+            "Detection report (newest first)", paths, index=paths.index(chosen_path) if chosen_path in paths else 0,
+            format_func=lambda p: f"{Path(p).name} · {datetime.fromtimestamp(Path(p).stat().st_mtime):%Y-%m-%d %H:%M}"
+            if Path(p).exists() else Path(p).name)
+        st.session_state.detect_report = path
+        loaded = None
+        with ui.guard():
+            loaded = load_report(path)
+        if loaded is not None:
+            with ui.guard():
+                show_report(loaded)
+
+    st.subheader("Run a small detection job")
+    with st.expander("Judge-free labels from a paired file, on the current pair and direction", expanded=not paths):
+        ui.job_caption("Each prompt is labelled misaligned when fine-tuning moved its preference toward the harmful answer "
+                       "(fine-tuned minus base per-token log-odds > 0; the median when that leaves one class empty).")
+        data = st.text_input("Paired JSONL", str(ASSETS / "data" / "general_paired.jsonl"), key="detect_data")
+        select_on = st.text_input("Choose on another prompt family (transfer; optional paired JSONL)", "",
+                                  key="detect_select_on")
+        left, middle, right = st.columns(3)
+        n_boot = left.number_input("Bootstrap resamples", 50, 10000, 1000, 50, key="detect_bootstrap")
+        heldout = middle.number_input("Report fraction", 0.2, 0.8, 0.5, 0.05, key="detect_heldout",
+                                      help="share of the groups held out to report on (rounded to 1/k); "
+                                           "unused with a transfer family")
+        seed = right.number_input("Seed", 0, 2**31 - 1, 0, key="detect_seed")
+        left, right = st.columns(2)
+        n_random = left.number_input("Random directions", 50, 2000, 100, 50, key="detect_random")
+        gap = right.number_input("Max answer-length gap, tokens (empty: keep every pair)", 0, 10000, None,
+                                 key="detect_length_gap")
+        if st.button("Run detection", type="primary", key="detect_go"):
+            run_job(data.strip(), {"select_on": select_on.strip() or None, "max_length_gap": gap, "n_boot": int(n_boot),
+                                   "heldout_fraction": float(heldout), "seed": int(seed), "n_random": int(n_random)})
