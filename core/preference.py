@@ -141,11 +141,13 @@ def validate(pair, narrow: Sequence[PairedRecord], general: Sequence[PairedRecor
     total = 2 * len(sets) + (len(sets) if control is not None else 0)
     done = 0
 
-    def tick():
+    def tick(step: int = 1):
         nonlocal done
-        done += 1
+        done += step
         if progress:
             progress(done, total)
+
+    tick(0)  # the bar starts now, not after the first (longest) pass
 
     # (side, set) -> {"plain": values, ("direction"|"random", alpha): values}
     measured: dict = {}
