@@ -218,7 +218,8 @@ def test_evaluate_form_runs_a_sweep_against_the_loopback_judge(app, fresh_cache)
         keys = {r.headers.get("authorization") for r in server.requests}
     (run,) = runs_dir(fresh_cache).iterdir()
     assert f"Sweep written to {run}" in at.success[0].value
-    assert requests == 2 * 8 * 2 and keys == {f"Bearer {SECRET}"}  # the key was used ...
+    # 8 answers x 2 metrics x 2 conditions, and the one probe of how the judge writes numbers
+    assert requests == 2 * 8 * 2 + 1 and keys == {f"Bearer {SECRET}"}  # the key was used ...
     sweep = json.loads((run / "sweep.json").read_text())
     assert sweep["layers"] == [1] and sweep["alphas"] == [2.0] and sweep["judge"]["failed"] == 0
     assert (run / "em.json").exists() and (run / "sweep.html").exists() and (run / "questions.yaml").exists()
