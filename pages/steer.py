@@ -9,6 +9,7 @@ import ui
 from core import plots
 from core.cache import Cache
 from core.generate import Sampling, stream
+from core.preference import best_layer
 from core.starters import DEFAULT_STEER_PROMPT
 from core.steering import grid_variants, ladder_variants, norm_relative, parse_alphas, residual_norms
 
@@ -30,9 +31,13 @@ left, middle, right = st.columns(3)
 units = left.radio("α units", ["raw", "norm-relative"], horizontal=True, key="steer_units",
                    help="raw: multiples of the direction's mean difference d[L]; norm-relative: fractions of the "
                         "mean residual norm at layer L (measured on the base), along the unit direction")
-mid = pair.n_layers // 2
-layers = middle.select_slider("Layers", list(range(pair.n_layers)), (mid, mid), key="steer_layers",
-                              help="one layer, or a contiguous range (drag the two ends apart)")
+try:  # start where the direction best separates its own held-out answers
+    start = best_layer(direction)
+except ValueError:
+    start = pair.n_layers // 2
+layers = middle.select_slider("Layers", list(range(pair.n_layers)), (start, start), key="steer_layers",
+                              help="one layer, or a contiguous range (drag the two ends apart); it starts at the "
+                                   "layer where the direction best separates its own held-out answers")
 if view == "Grid":
     if units == "raw":
         alpha = left.slider("α", -16.0, 16.0, 4.0, 0.5, key="steer_alpha",
