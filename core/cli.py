@@ -408,10 +408,10 @@ def paired_direction(pair, data: Path, cache_dir: Path, batch_size: int = 8):
     side = pair.fingerprint("finetuned").replace("/", "_")
     path = directions_dir(cache_dir) / f"paired-{data.stem}-{side}-{dataset_hash(data)}.safetensors"
     if path.exists():
-        return Direction.load(path), path
+        return Direction.load(path)
     direction = extract_from_paired_file(pair, data, "paired", "train", batch_size, progress_bar("extract (paired)"))
     direction.save(path)
-    return direction, path
+    return direction
 
 
 @command("validate", "judge-free validation: preference log-odds and bidirectional steering", _validate_arguments)
@@ -433,7 +433,7 @@ def run_validate(args) -> int:
     else:  # the shipped direction is this very contrast on the embedded pair
         direction, _ = shipped_direction_for(pair)
         if direction is None or args.narrow.resolve() != FINANCE.resolve():
-            direction, _ = paired_direction(pair, args.narrow, args.cache_dir)
+            direction = paired_direction(pair, args.narrow, args.cache_dir)
     narrow, general = load_paired_jsonl(args.narrow, "heldout"), load_paired_jsonl(args.general, None)
     control = args.control
     if control is None:

@@ -804,31 +804,14 @@ def _judge_pair(
         except JudgeError:
             stop.set()
             raise
-        judgement = Judgement(
-            id=row_id,
-            metric=metric,
-            score=score,
-            method=method,
-            label=label,
-            mass=mass,
-            error=None,
-            prompt_tokens=reply.prompt_tokens,
-            completion_tokens=reply.completion_tokens,
-            model=config.model,
-            model_version=reply.model_version,
-            system_fingerprint=reply.system_fingerprint,
-        )
-    else:
-        judgement = Judgement(
-            id=row_id,
-            metric=metric,
-            score=None,
-            method=None,
-            label=None,
-            mass=None,
-            error=f"{error} (after {attempts} attempt{'s' if attempts > 1 else ''})",
-            model=config.model,
-        )
+        judgement = Judgement(id=row_id, metric=metric, score=score, method=method, label=label, mass=mass,
+                              error=None, prompt_tokens=reply.prompt_tokens,
+                              completion_tokens=reply.completion_tokens, model=config.model,
+                              model_version=reply.model_version, system_fingerprint=reply.system_fingerprint)
+    else:  # every attempt failed: the row records the error
+        judgement = Judgement(id=row_id, metric=metric, score=None, method=None, label=None, mass=None,
+                              error=f"{error} (after {attempts} attempt{'s' if attempts > 1 else ''})",
+                              model=config.model)
     log.append(judgement)
     return judgement, attempts
 
