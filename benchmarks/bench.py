@@ -20,7 +20,7 @@ import torch
 
 from core.cache import Cache
 from core.chat import user_prompt
-from core.detect import prompt_projections
+from core.projections import prompt_projections
 from core.directions import Direction, Example, answer_activations
 from core.generate import Sampling, Variant, generate
 
@@ -218,7 +218,7 @@ def resident_memory(base: str, finetuned: str) -> dict:
     peak through fork and exec, and the parent here holds a model."""
     peak = "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')))"
     code = ("import sys, torch; from core.models import load_pair; from core.chat import user_prompt; "
-            "from core.detect import last_token_activations; p = load_pair(sys.argv[1], sys.argv[2]); "
+            "from core.projections import last_token_activations; p = load_pair(sys.argv[1], sys.argv[2]); "
             "[last_token_activations(p, side, [user_prompt('hello')]) for side in p.sides]; " + peak)
     idle = "import torch, transformers, peft; from core import models, detect; " + peak
     root = Path(__file__).resolve().parent.parent

@@ -117,7 +117,7 @@ def _project_arguments(parser):
 @command("project", "prompt-stage projection at every layer, for both models", _project_arguments)
 def run_project(args) -> int:
     from core.chat import user_prompt
-    from core.detect import prompt_projections
+    from core.projections import prompt_projections
     from core.directions import Direction
 
     direction = Direction.load(args.direction)

@@ -275,7 +275,7 @@ class Monitor:
         return values
 
     def _projection(self, pair) -> list[float]:
-        from core.detect import last_token_activations, project
+        from core.projections import last_token_activations, project
 
         activations = last_token_activations(pair, "finetuned", [r.messages for r in self.records],
                                              self.config.batch_size)

@@ -6,7 +6,7 @@ import streamlit as st
 import ui
 from core import plots
 from core.cache import Cache
-from core.detect import prompt_projections
+from core.projections import prompt_projections
 from core.divergence import token_divergence
 from core.generate import Sampling, Variant, stream
 from core.starters import DEFAULT_COMPARE_PROMPT

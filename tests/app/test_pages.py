@@ -10,7 +10,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from core.chat import user_prompt
-from core.detect import prompt_projections
+from core.projections import prompt_projections
 from core.directions import Direction, cosine_per_layer, directions_dir
 from core.generate import Sampling, Variant, generate
 from tests.support.apptest import charts, errors, ok, open_page

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from core.chat import user_prompt
-from core.detect import prompt_projections
+from core.projections import prompt_projections
 from core.directions import Direction, extract_contrast
 from core.generate import Sampling, Variant, generate, stream
 from tests.support.dashboard import ALIGNED, MISALIGNED

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from core.chat import encode_conversation, prompt_and_answer, user_prompt
-from core.detect import last_token_activations, prompt_projections
+from core.projections import last_token_activations, prompt_projections
 from core.directions import Direction, DirectionError, Example, answer_activations, extract_contrast, extract_model_diff
 from core.hooks import steer
 

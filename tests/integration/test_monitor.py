@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from core.data import load_paired_jsonl
-from core.detect import last_token_activations, project
+from core.projections import last_token_activations, project
 from core.directions import Direction, Example, extract_contrast, extract_from_paired_file
 from core.models import load_pair
 from core.monitor import (EXTRACTED_DIRECTION, STATE, Monitor, MonitorConfig, MonitorError, crossing, lead,
