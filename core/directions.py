@@ -13,6 +13,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -164,8 +165,7 @@ def answer_activations(pair, side: str, examples: list[Example], batch_size: int
                        progress: Callable[[int, int], None] | None = None) -> AnswerActivations:
     """Teacher-force each example through one side of the pair; sum block outputs over answer tokens.
 
-    Batches are right-padded (nothing is generated, so positions are unaffected) and reduced
-    inside the hook, so memory stays at one ``[batch, d_model]`` sum per layer.
+    Batches are right-padded and reduced inside the hook, so memory stays at one ``[batch, d_model]`` sum per layer.
     """
     encoded = [encode_conversation(pair.tokenizer, prompt_and_answer(e.messages, e.answer)) for e in examples]
     for example, enc in zip(examples, encoded):
@@ -174,25 +174,16 @@ def answer_activations(pair, side: str, examples: list[Example], batch_size: int
                              f"the model's context of {pair.max_length}")
     sums = torch.zeros(len(examples), pair.n_layers, pair.d_model)
     counts = torch.zeros(len(examples))
-    pad = pair.tokenizer.pad_token_id
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].ids))  # similar lengths, less padding
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
-        width = max(len(encoded[i].ids) for i in rows)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        attention = torch.zeros((len(rows), width), dtype=torch.long)
-        mask = torch.zeros((len(rows), width))
+        mask = torch.zeros((len(rows), max(len(encoded[i].ids) for i in rows)))
         for r, i in enumerate(rows):
-            n = len(encoded[i].ids)
-            ids[r, :n] = torch.tensor(encoded[i].ids)
-            attention[r, :n] = 1
             a, b = encoded[i].answer_spans[-1]
             mask[r, a:b] = 1
-        with pair.side(side) as model:
-            mask_dev = mask.to(pair.device)
-            reduce = lambda h, m=mask_dev: (h.float() * m.unsqueeze(-1)).sum(1).cpu()  # noqa: E731
-            with capture(pair.layers(side), reduce=reduce) as records, torch.no_grad():
-                model(input_ids=ids.to(pair.device), attention_mask=attention.to(pair.device), use_cache=False)
+        on_device = mask.to(pair.device)
+        reduce = lambda h: (h.float() * on_device.unsqueeze(-1)).sum(1).cpu()  # noqa: E731
+        records, = pair.run(side, [encoded[i].ids for i in rows], hooks=[partial(capture, reduce=reduce)]).hooked
         for layer, (batch_sums,) in records.items():
             sums[rows, layer] = batch_sums
         counts[rows] = mask.sum(1)

@@ -30,18 +30,11 @@ def _check_answer(pair, answer_token_ids: Sequence[int]) -> list[int]:
 
 def _logits(pair, ids: list[int], sides: tuple[str, str], keep: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits [keep, vocab] of the last ``keep`` positions for each of the two sides."""
-    input_ids = torch.tensor([ids], dtype=torch.long, device=pair.device)
-    with torch.no_grad():
-        if pair.merged is None and pair.is_adapter:
-            with pair.lock:
-                logits = pair.model(input_ids=input_ids.repeat(2, 1), logits_to_keep=keep,
-                                    adapter_names=pair.adapter_names(list(sides))).logits
-            return logits[0], logits[1]
-        out = []
-        for side in sides:
-            with pair.side(side) as module:
-                out.append(module(input_ids=input_ids, logits_to_keep=keep).logits[0])
-        return out[0], out[1]
+    if pair.merged is None and pair.is_adapter:
+        logits = pair.run(sides[0], [ids, ids], logits_to_keep=keep, row_sides=sides).logits
+        return logits[0], logits[1]
+    first, second = (pair.run(side, [ids], logits_to_keep=keep).logits[0] for side in sides)
+    return first, second
 
 
 def token_divergence(pair, messages: Messages, answer_token_ids: Sequence[int],

@@ -15,13 +15,15 @@ import hashlib
 import math
 import re
 from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
 from core.chat import Messages, encode_prompt, render_prompt
 from core.directions import Direction
+from core.models import pad_batch
 from core.hooks import ablate, capture, last_token, steer
 
 
@@ -141,46 +143,34 @@ def stop_ids(pair) -> set[int]:
     return ids
 
 
-def _interventions(pair, rows: list[Generation], direction: Direction | None, layers: Sequence[int], side: str):
-    """The steering / ablation hooks for one batch of rows that run on one module."""
-    stack = ExitStack()
+def _interventions(pair, rows: list[Generation], direction: Direction | None, layers: Sequence[int]) -> list:
+    """The steering / ablation hooks (for ``pair.running``) of one batch of rows that run on one module."""
     if not any(r.variant.intervenes for r in rows):
-        return stack
+        return []
     if direction is None or not layers:
         raise GenerationError("steered or ablated variants need a direction and at least one layer")
-    module_layers = pair.layers(side)
     vectors = {layer: direction.vectors[layer] for layer in layers}
     alphas = torch.tensor([0.0 if r.variant.ablate else r.variant.alpha for r in rows])
-    if alphas.any():
-        stack.enter_context(steer(module_layers, vectors, alphas))
     ablated = torch.tensor([1.0 if r.variant.ablate else 0.0 for r in rows])
-    if ablated.any():
-        stack.enter_context(ablate(module_layers, vectors, ablated))
-    return stack
+    return ([partial(steer, vectors=vectors, coefficients=alphas)] if alphas.any() else []) + (
+        [partial(ablate, vectors=vectors, rows=ablated)] if ablated.any() else [])
 
 
-def _decode(pair, module, side_layers, rows: list[Generation], prompt_ids: list[list[int]],
-            sampling: Sampling, adapter_names, unit: torch.Tensor | None, trace_layer: int | None,
+def _decode(pair, forward, side_layers, rows: list[Generation], prompt_ids: list[list[int]],
+            sampling: Sampling, unit: torch.Tensor | None, trace_layer: int | None,
             use_cache: bool, stops: set[int]) -> Iterator[None]:
-    """The decoding loop for rows that share one module; yields after every step."""
+    """The decoding loop for rows that share one module (``forward``, from ``pair.running``);
+    yields after every step."""
     device = pair.device
     unit = unit.to(device) if unit is not None else None
     batch = len(rows)
-    width = max(len(ids) for ids in prompt_ids)
-    pad = pair.tokenizer.pad_token_id
-    input_ids = torch.full((batch, width), pad, dtype=torch.long)
-    attention = torch.zeros((batch, width), dtype=torch.long)
-    for r, ids in enumerate(prompt_ids):
-        input_ids[r, width - len(ids):] = torch.tensor(ids)
-        attention[r, width - len(ids):] = 1
-    input_ids, attention = input_ids.to(device), attention.to(device)
-    positions = (attention.cumsum(-1) - 1).clamp_min(0)
+    prompts = pad_batch(pair.tokenizer, prompt_ids, "left")
+    input_ids, attention, positions = (t.to(device) for t in (prompts.ids, prompts.attention, prompts.positions))
     uniforms = torch.stack([
         torch.rand(sampling.max_new_tokens, generator=torch.Generator().manual_seed(
             row_seed(sampling.seed, render_prompt(pair.tokenizer, row.prompt), row.sample)))
         for row in rows
     ])
-    extra = {"adapter_names": adapter_names} if adapter_names else {}
     cache = None
     if use_cache:
         from transformers import DynamicCache
@@ -189,50 +179,49 @@ def _decode(pair, module, side_layers, rows: list[Generation], prompt_ids: list[
     step_input, step_positions = input_ids, positions
     trace: list[torch.Tensor] = []
 
-    def forward(ids, pos, with_prompt_capture: bool):
+    def step_forward(ids, pos, with_prompt_capture: bool):
         wanted = set(range(len(side_layers))) if with_prompt_capture and unit is not None else set()
         if trace_layer is not None and unit is not None:
             wanted.add(trace_layer)
         ctx = capture(side_layers, sorted(wanted), reduce=last_token) if wanted else nullcontext({})
         with ctx as records:
-            out = module(input_ids=ids, attention_mask=attention, position_ids=pos,
-                         past_key_values=cache, use_cache=use_cache, logits_to_keep=1, **extra)
+            out = forward(input_ids=ids, attention_mask=attention, position_ids=pos,
+                          past_key_values=cache, use_cache=use_cache, logits_to_keep=1)
         return out.logits[:, -1, :], records
 
-    with torch.no_grad():
-        for step in range(sampling.max_new_tokens):
-            logits, records = forward(step_input, step_positions, with_prompt_capture=(step == 0))
-            if step == 0 and unit is not None:
-                projections = torch.stack([
-                    (records[i][0].float() * unit[i]).sum(-1) for i in range(len(side_layers))
-                ], dim=-1).cpu()
-                for r, row in enumerate(rows):
-                    row.prompt_projection = projections[r].tolist()
-            if trace_layer is not None and unit is not None and step > 0:
-                trace.append(records[trace_layer][0].float() @ unit[trace_layer])
-            chosen = next_tokens(logits, sampling, uniforms[:, step]).cpu()
+    for step in range(sampling.max_new_tokens):
+        logits, records = step_forward(step_input, step_positions, with_prompt_capture=(step == 0))
+        if step == 0 and unit is not None:
+            projections = torch.stack([
+                (records[i][0].float() * unit[i]).sum(-1) for i in range(len(side_layers))
+            ], dim=-1).cpu()
             for r, row in enumerate(rows):
-                if not finished[r]:
-                    row.token_ids.append(int(chosen[r]))
-                    if int(chosen[r]) in stops:
-                        finished[r] = True
-                        row.finish_reason = "eos"
-            chosen = chosen.to(device).unsqueeze(-1)
-            attention = torch.cat([attention, torch.ones((batch, 1), dtype=torch.long, device=device)], dim=-1)
-            positions = torch.cat([positions, positions[:, -1:] + 1], dim=-1)
-            if use_cache:
-                step_input, step_positions = chosen, positions[:, -1:]
-            else:
-                step_input, step_positions = torch.cat([step_input, chosen], dim=-1), positions
-            yield
-            if finished.all():
-                break
-        if trace_layer is not None and unit is not None:
-            _, records = forward(step_input, step_positions, with_prompt_capture=False)
+                row.prompt_projection = projections[r].tolist()
+        if trace_layer is not None and unit is not None and step > 0:
             trace.append(records[trace_layer][0].float() @ unit[trace_layer])
-            per_step = torch.stack(trace, dim=-1).cpu()  # [batch, steps]
-            for r, row in enumerate(rows):
-                row.token_projections = per_step[r, :len(row.token_ids)].tolist()
+        chosen = next_tokens(logits, sampling, uniforms[:, step]).cpu()
+        for r, row in enumerate(rows):
+            if not finished[r]:
+                row.token_ids.append(int(chosen[r]))
+                if int(chosen[r]) in stops:
+                    finished[r] = True
+                    row.finish_reason = "eos"
+        chosen = chosen.to(device).unsqueeze(-1)
+        attention = torch.cat([attention, torch.ones((batch, 1), dtype=torch.long, device=device)], dim=-1)
+        positions = torch.cat([positions, positions[:, -1:] + 1], dim=-1)
+        if use_cache:
+            step_input, step_positions = chosen, positions[:, -1:]
+        else:
+            step_input, step_positions = torch.cat([step_input, chosen], dim=-1), positions
+        yield
+        if finished.all():
+            break
+    if trace_layer is not None and unit is not None:
+        _, records = step_forward(step_input, step_positions, with_prompt_capture=False)
+        trace.append(records[trace_layer][0].float() @ unit[trace_layer])
+        per_step = torch.stack(trace, dim=-1).cpu()  # [batch, steps]
+        for r, row in enumerate(rows):
+            row.token_projections = per_step[r, :len(row.token_ids)].tolist()
     for row in rows:
         row.finish_reason = row.finish_reason or "length"
 
@@ -293,20 +282,13 @@ def stream(pair, prompts: Sequence[Messages], variants: Sequence[Variant], direc
     with pair.lock:
         for key, members in _decoding_groups(pair, rows):
             group = [rows[i] for i in members]
-            sides = {r.variant.side for r in group}
-            with ExitStack() as stack:
-                adapter_names = None
-                if key[0] == "scale":
-                    module, hook_side = stack.enter_context(pair.adapter_scale(key[1])), "finetuned"
-                elif len(sides) == 1:
-                    hook_side = sides.pop()
-                    module = stack.enter_context(pair.side(hook_side))
-                else:
-                    module, hook_side = pair.model, "base"
-                    adapter_names = pair.adapter_names([r.variant.side for r in group])
-                stack.enter_context(_interventions(pair, group, direction, layers, hook_side))
-                for _ in _decode(pair, module, pair.layers(hook_side), group, [row_ids[i] for i in members],
-                                 sampling, adapter_names, unit, trace_layer, use_cache, stops):
+            scale = key[1] if key[0] == "scale" else None
+            row_sides = None if scale is not None else [r.variant.side for r in group]
+            side = "finetuned" if scale is not None else row_sides[0]
+            hooks = _interventions(pair, group, direction, layers)
+            with pair.running(side, hooks, adapter_scale=scale, row_sides=row_sides) as forward:
+                for _ in _decode(pair, forward, pair.layers(side), group, [row_ids[i] for i in members],
+                                 sampling, unit, trace_layer, use_cache, stops):
                     yield rows
     for row in rows:
         row.text = pair.tokenizer.decode(row.token_ids, skip_special_tokens=True)

@@ -3,9 +3,10 @@
 A PEFT adapter sits on the ONE copy of the base weights: the "base" side is the same
 model with the adapter disabled. A merged (full) fine-tune is a second model and costs
 a second copy of the weights; ``info()`` says so. Every forward pass on the pair goes
-through ``pair.side(...)`` (or holds ``pair.lock``), because adapter switching and
-residual hooks are state on shared modules: the lock makes concurrent users of one
-pair see exactly what they would see one at a time.
+through ``pair.run(...)`` or ``pair.running(...)``: they hold ``pair.lock``, select the
+adapter and install the residual hooks, because adapter switching and hooks are state on
+shared modules: the lock makes concurrent users of one pair see exactly what they would
+see one at a time.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import shutil
 import sys
 import threading
 import warnings
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -360,6 +362,70 @@ def _parameter_bytes(module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
+@dataclass(frozen=True)
+class Batch:
+    """Token lists padded into one batch. Positions count real tokens only, so a left-padded
+    row computes exactly what it computes alone; with left padding the last column is every
+    row's last token."""
+
+    ids: torch.Tensor  # [rows, width]
+    attention: torch.Tensor  # [rows, width] 1 = real token
+    positions: torch.Tensor  # [rows, width]
+    lengths: tuple[int, ...]
+    padding: str  # "left" or "right"
+
+    @property
+    def width(self) -> int:
+        return self.ids.shape[1]
+
+    def start(self, row: int) -> int:
+        """Column of the row's first real token."""
+        return self.width - self.lengths[row] if self.padding == "left" else 0
+
+
+def pad_batch(tokenizer, token_lists: Sequence[Sequence[int]], padding: str = "right") -> Batch:
+    """Pad with the tokenizer's own padding (its pad token, the side asked for)."""
+    if padding not in ("left", "right"):
+        raise ValueError(f"padding {padding!r}: expected 'left' or 'right'")
+    if not token_lists or not all(token_lists):
+        raise ValueError("a batch needs at least one row, and every row at least one token")
+    padded = tokenizer.pad({"input_ids": [list(ids) for ids in token_lists]}, padding=True,
+                           padding_side=padding, return_tensors="pt")
+    attention = padded["attention_mask"].long()
+    positions = (attention.cumsum(-1) - 1).clamp_min(0)
+    return Batch(padded["input_ids"].long(), attention, positions, tuple(len(ids) for ids in token_lists), padding)
+
+
+Hook = Callable[[torch.nn.ModuleList], AbstractContextManager]  # e.g. functools.partial(hooks.capture, reduce=...)
+
+
+@dataclass
+class Forward:
+    """The forward function of a held pair (see ``ModelPair.running``): the selected module with
+    its hooks installed, and what each hook yielded (e.g. ``capture``'s records)."""
+
+    module: torch.nn.Module
+    device: torch.device
+    hooked: list
+    extra: dict  # arguments every call carries (per-row adapter names)
+
+    def __call__(self, batch: Batch | None = None, **kwargs):
+        """The module's forward without gradients (per call, so that a generator that decodes with it
+        never leaves gradients off in its caller between steps)."""
+        if batch is not None:
+            kwargs = {"input_ids": batch.ids.to(self.device), "attention_mask": batch.attention.to(self.device),
+                      "position_ids": batch.positions.to(self.device), "use_cache": False, **kwargs}
+        with torch.no_grad():
+            return self.module(**kwargs, **self.extra)
+
+
+@dataclass
+class Run:
+    batch: Batch
+    logits: torch.Tensor
+    hooked: list  # what each hook yielded, in order
+
+
 @dataclass
 class ModelPair:
     model: torch.nn.Module  # the base weights (a PeftModel when the fine-tune is an adapter)
@@ -478,6 +544,48 @@ class ModelPair:
             finally:
                 self.model.set_adapter(active)
                 self.model.delete_adapter("other")
+
+    @contextmanager
+    def running(self, side: str, hooks: Sequence[Hook] = (), *, adapter_scale: float | None = None,
+                row_sides: Sequence[str] | None = None) -> Iterator[Forward]:
+        """Hold the pair for forward passes on one side, with ``hooks`` installed
+        on that side's decoder layers for the duration (removed on exit, exceptions included).
+
+        ``adapter_scale`` multiplies the fine-tune's LoRA update (see :meth:`adapter_scale`);
+        ``row_sides`` mixes base and fine-tune rows of an adapter pair in one batch, one side per row.
+        """
+        with self.lock, ExitStack() as stack:
+            extra = {}
+            if adapter_scale is not None:
+                module = stack.enter_context(self.adapter_scale(adapter_scale))
+            elif row_sides is not None and len(set(row_sides)) > 1:
+                for row_side in set(row_sides):
+                    self.check_side(row_side)
+                if not self.is_adapter:
+                    raise ValueError("rows of both sides in one batch need a fine-tune loaded as a PEFT adapter")
+                module, extra = self.model, {"adapter_names": self.adapter_names(list(row_sides))}
+            else:
+                side = row_sides[0] if row_sides else side
+                module = stack.enter_context(self.side(side))
+            hooked = [stack.enter_context(hook(self.layers(side))) for hook in hooks]
+            yield Forward(module, self.device, hooked, extra)
+
+    def run(self, side: str, token_lists: Sequence[Sequence[int]], *, padding: str = "right",
+            hooks: Sequence[Hook] = (), logits_to_keep: int | torch.Tensor = 1, adapter_scale: float | None = None,
+            row_sides: Sequence[str] | None = None) -> Run:
+        """One batched forward pass: pad, hold the pair, select the adapter, install ``hooks``, run.
+
+        ``logits_to_keep``: the last N positions, or a ``[rows, width]`` boolean mask of positions.
+        """
+        batch = pad_batch(self.tokenizer, token_lists, padding)
+        for length in batch.lengths:
+            if length > self.max_length:
+                raise ValueError(f"an input of {length} tokens exceeds the model's context of {self.max_length}")
+        if isinstance(logits_to_keep, torch.Tensor):
+            logits_to_keep = logits_to_keep.to(self.device)
+        with self.running(side, hooks, adapter_scale=adapter_scale, row_sides=row_sides) as forward:
+            logits = forward(batch, logits_to_keep=logits_to_keep).logits
+        return Run(batch, logits, forward.hooked)
 
     def adapter_names(self, sides: list[str]) -> list[str] | None:
         """Per-row adapter selection for one mixed batch (PEFT's mixed-adapter inference)."""

@@ -12,7 +12,7 @@ norm-matched random vector should do neither.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -46,28 +46,20 @@ def branched_answer_logprobs(pair, side: str, examples: Sequence[Example], layer
     encoded = [encode_conversation(pair.tokenizer, prompt_and_answer(e.messages, e.answer)) for e in examples]
     copies = len(shifts)
     sums, counts = np.zeros((copies, len(examples))), np.zeros(len(examples), dtype=int)
-    pad = pair.tokenizer.pad_token_id
     rows_per_pass = max(1, batch_size // copies)  # the logits of every branch are held at once
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].ids))
+    hooks = [partial(fan_out, at=layer, shifts=shifts)] if layer is not None else []
     for start in range(0, len(order), rows_per_pass):
         rows = order[start:start + rows_per_pass]
-        width = max(len(encoded[i].ids) for i in rows)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        attention = torch.zeros((len(rows), width), dtype=torch.long)
-        predicts = torch.zeros((len(rows), width), dtype=torch.bool)  # positions whose logits predict answer tokens
+        predicts = torch.zeros((len(rows), max(len(encoded[i].ids) for i in rows)), dtype=torch.bool)
         for r, i in enumerate(rows):
-            n = len(encoded[i].ids)
-            ids[r, :n], attention[r, :n] = torch.tensor(encoded[i].ids), 1
             a, b = encoded[i].answer_spans[-1]
             predicts[r, a - 1:b - 1] = True  # the logit at t-1 predicts token t
             counts[i] = b - a
-        targets = ids.roll(-1, dims=1)[predicts].repeat(copies)
+        run = pair.run(side, [encoded[i].ids for i in rows], hooks=hooks, logits_to_keep=predicts.repeat(copies, 1))
+        targets = run.batch.ids.roll(-1, dims=1)[predicts].repeat(copies)
         owner = predicts.nonzero()[:, 0].repeat(copies) + torch.arange(copies).repeat_interleave(int(predicts.sum())) * len(rows)
-        branching = fan_out(pair.layers(side), layer, shifts) if layer is not None else nullcontext()
-        with pair.side(side) as model, branching, torch.no_grad():
-            logits = model(input_ids=ids.to(pair.device), attention_mask=attention.to(pair.device), use_cache=False,
-                           logits_to_keep=predicts.repeat(copies, 1).to(pair.device)).logits
-        logits = logits.reshape(-1, logits.shape[-1]).float()
+        logits = run.logits.reshape(-1, run.logits.shape[-1]).float()
         picked = torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None].to(logits.device))[:, 0].cpu()
         per_row = torch.zeros(copies * len(rows), dtype=torch.float64).index_add_(0, owner, picked.double())
         sums[:, rows] = per_row.view(copies, len(rows)).numpy()

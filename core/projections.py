@@ -9,6 +9,7 @@ revisiting a prompt costs only dot products.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import numpy as np
 import torch
@@ -19,26 +20,10 @@ from core.directions import Direction
 from core.hooks import capture, last_token
 
 
-def _left_padded(pair, rows: Sequence[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(ids, attention, positions)`` with left padding, so the last column is every prompt's last token."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pair.tokenizer.pad_token_id, dtype=torch.long)
-    attention = torch.zeros((len(rows), width), dtype=torch.long)
-    for r, row in enumerate(rows):
-        ids[r, width - len(row):] = torch.tensor(row)
-        attention[r, width - len(row):] = 1
-    return ids, attention, (attention.cumsum(-1) - 1).clamp_min(0)
-
-
 def _check_context(pair, encoded: Sequence[list[int]]) -> None:
     for ids in encoded:
         if len(ids) > pair.max_length:
             raise ValueError(f"a prompt of {len(ids)} tokens exceeds the model's context of {pair.max_length}")
-
-
-def _forward(pair, model, ids, attention, positions) -> None:
-    model(input_ids=ids.to(pair.device), attention_mask=attention.to(pair.device),
-          position_ids=positions.to(pair.device), use_cache=False, logits_to_keep=1)
 
 
 def last_token_activations(pair, side: str, prompts: Sequence[Messages], batch_size: int = 16,
@@ -49,9 +34,7 @@ def last_token_activations(pair, side: str, prompts: Sequence[Messages], batch_s
     out = torch.zeros(len(prompts), pair.n_layers, pair.d_model)
     for start in range(0, len(encoded), batch_size):
         chunk = encoded[start:start + batch_size]
-        batch = _left_padded(pair, chunk)
-        with pair.side(side) as model, capture(pair.layers(side), reduce=last_token) as records, torch.no_grad():
-            _forward(pair, model, *batch)
+        records, = pair.run(side, chunk, padding="left", hooks=[partial(capture, reduce=last_token)]).hooked
         out[start:start + len(chunk)] = torch.stack([records[i][0].float().cpu() for i in range(pair.n_layers)], 1)
         if progress:
             progress(start + len(chunk), len(encoded))
@@ -82,19 +65,16 @@ def prompt_stage_activations(pair, side: str, prompts: Sequence[Messages], direc
     units = direction.unit().to(pair.device)  # [n_layers, d_model]: project on every layer's unit at once
     last = torch.zeros(len(prompts), pair.n_layers, pair.d_model)
     token_mean, token_max = np.zeros((len(prompts), pair.n_layers)), np.zeros((len(prompts), pair.n_layers))
+    keep = lambda h: (h[:, -1].float().cpu(), (h.float() @ units.T).cpu())  # noqa: E731
     for start in range(0, len(spans), batch_size):
         chunk = spans[start:start + batch_size]
-        batch = _left_padded(pair, [ids for ids, _ in chunk])
-        keep = lambda h: (h[:, -1].float().cpu(), (h.float() @ units.T).cpu())  # noqa: E731
-        with pair.side(side) as model, capture(pair.layers(side), reduce=keep) as records, torch.no_grad():
-            _forward(pair, model, *batch)
-        width = batch[0].shape[1]
+        run = pair.run(side, [ids for ids, _ in chunk], padding="left", hooks=[partial(capture, reduce=keep)])
+        records, = run.hooked
         for layer in range(pair.n_layers):
             h_last, projections = records[layer][0]
             last[start:start + len(chunk), layer] = h_last
-            for r, (ids, (a, b)) in enumerate(chunk):
-                offset = width - len(ids)
-                values = projections[r, offset + a:offset + b, layer]
+            for r, (_, (a, b)) in enumerate(chunk):
+                values = projections[r, run.batch.start(r) + a:run.batch.start(r) + b, layer]
                 token_mean[start + r, layer] = float(values.mean())
                 token_max[start + r, layer] = float(values.max())
         if progress:
