@@ -22,12 +22,13 @@ from safetensors.torch import load as load_tensors_bytes
 from safetensors.torch import save as save_tensors_bytes
 
 from core import __version__
+from core.errors import EMLensError
 
 MAGIC = b"EMLENS-CACHE "
 DEFAULT_ROOT = Path(os.environ.get("EMLENS_CACHE", Path(__file__).resolve().parent.parent / "cache"))
 
 
-class CacheError(RuntimeError):
+class CacheError(EMLensError, RuntimeError):
     """The cache directory cannot be written (permissions, full disk)."""
 
 

@@ -10,12 +10,13 @@ that renders conversations as prefixes of each other (ChatML, Llama-3, Gemma, ..
 from __future__ import annotations
 
 from dataclasses import dataclass
+from core.errors import InputError
 
 ROLES = ("system", "user", "assistant")
 Messages = list[dict[str, str]]
 
 
-class ChatError(ValueError):
+class ChatError(InputError):
     """A conversation or prompt that cannot be rendered; the message names the problem."""
 
 

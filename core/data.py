@@ -23,9 +23,10 @@ import yaml
 
 from core.cache import sha256_file
 from core.chat import ROLES, Messages
+from core.errors import InputError
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """Invalid data; the message starts with ``file:line: field`` where it can."""
 
 

@@ -26,11 +26,12 @@ from core.cache import atomic_write, sha256_bytes
 from core.chat import Messages, encode_conversation, prompt_and_answer
 from core.hooks import capture
 from core.stats import auroc, cohens_d, grouped_folds
+from core.errors import InputError
 
 FORMAT = "emlens-direction/1"
 
 
-class DirectionError(ValueError):
+class DirectionError(InputError):
     """A direction file that is unreadable, altered, or made for another model."""
 
 
@@ -170,7 +171,7 @@ def answer_activations(pair, side: str, examples: list[Example], batch_size: int
     encoded = [encode_conversation(pair.tokenizer, prompt_and_answer(e.messages, e.answer)) for e in examples]
     for example, enc in zip(examples, encoded):
         if len(enc.ids) > pair.max_length:
-            raise ValueError(f"example {example.messages[-1]['content'][:40]!r}: {len(enc.ids)} tokens exceed "
+            raise DirectionError(f"example {example.messages[-1]['content'][:40]!r}: {len(enc.ids)} tokens exceed "
                              f"the model's context of {pair.max_length}")
     sums = torch.zeros(len(examples), pair.n_layers, pair.d_model)
     counts = torch.zeros(len(examples))
@@ -248,7 +249,7 @@ def layer_stats(direction: torch.Tensor, aligned: AnswerActivations, misaligned:
     n_aligned = len(aligned.counts)
     groups = default_groups(n_aligned, len(misaligned.counts)) if groups is None else np.asarray(groups)
     if len(groups) != n_aligned + len(misaligned.counts):
-        raise ValueError(f"groups has {len(groups)} entries for {n_aligned} aligned and "
+        raise DirectionError(f"groups has {len(groups)} entries for {n_aligned} aligned and "
                          f"{len(misaligned.counts)} misaligned answers")
     unit = direction / direction.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     a_mean = (aligned.pooled_mean() * unit).sum(-1)
@@ -309,7 +310,7 @@ def extract_contrast(pair, aligned: list[Example], misaligned: list[Example], me
                      progress: Callable[[int, int], None] | None = None) -> Direction:
     """Misaligned minus aligned answer-token means, both teacher-forced through ``side``."""
     if not aligned or not misaligned:
-        raise ValueError(f"need both sets: got {len(aligned)} aligned and {len(misaligned)} misaligned answers")
+        raise DirectionError(f"need both sets: got {len(aligned)} aligned and {len(misaligned)} misaligned answers")
     total = len(aligned) + len(misaligned)
     step = (lambda offset: (lambda done, _: progress(offset + done, total))) if progress else (lambda offset: None)
     a = answer_activations(pair, side, aligned, batch_size, step(0))
@@ -321,7 +322,7 @@ def extract_model_diff(pair, examples: list[Example], dataset_hash: str | None =
                        progress: Callable[[int, int], None] | None = None) -> Direction:
     """Fine-tuned minus base on identical texts: 'aligned' = base activations, 'misaligned' = fine-tuned."""
     if not examples:
-        raise ValueError("model-diff extraction needs at least one example")
+        raise DirectionError("model-diff extraction needs at least one example")
     total = 2 * len(examples)
     step = (lambda offset: (lambda done, _: progress(offset + done, total))) if progress else (lambda offset: None)
     base = answer_activations(pair, "base", examples, batch_size, step(0))

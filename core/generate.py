@@ -25,9 +25,10 @@ from core.chat import Messages, encode_prompt, render_prompt
 from core.directions import Direction
 from core.models import pad_batch
 from core.hooks import ablate, capture, last_token, steer
+from core.errors import InputError
 
 
-class GenerationError(ValueError):
+class GenerationError(InputError):
     """A generation request that cannot run; the message names the problem."""
 
 

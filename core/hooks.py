@@ -13,6 +13,11 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 
 import torch
+from core.errors import InputError
+
+
+class SteeringError(InputError):
+    """A steering, ablation or branching request that cannot be applied (non-finite, zero, empty)."""
 
 
 def block_hidden(output) -> torch.Tensor:
@@ -88,10 +93,10 @@ def steer(layers: Sequence[torch.nn.Module], vectors: dict[int, torch.Tensor],
         return hook
 
     if not torch.isfinite(torch.as_tensor(coefficients, dtype=torch.float32)).all():
-        raise ValueError(f"steering coefficient {coefficients!r} is not a finite number")
+        raise SteeringError(f"steering coefficient {coefficients!r} is not a finite number")
     for index, vector in vectors.items():
         if not torch.isfinite(vector).all():
-            raise ValueError(f"layer {index}: the steering vector contains NaN or infinite values")
+            raise SteeringError(f"layer {index}: the steering vector contains NaN or infinite values")
     with _forward_hooks(layers, {i: make(v) for i, v in vectors.items()}):
         yield
 
@@ -122,7 +127,7 @@ def ablate(layers: Sequence[torch.nn.Module], vectors: dict[int, torch.Tensor],
 
     for index, vector in vectors.items():
         if not torch.isfinite(vector).all() or vector.norm() == 0:
-            raise ValueError(f"layer {index}: cannot ablate a zero or non-finite direction")
+            raise SteeringError(f"layer {index}: cannot ablate a zero or non-finite direction")
     with _forward_hooks(layers, {i: make(v) for i, v in vectors.items()}):
         yield
 
@@ -139,7 +144,7 @@ def fan_out(layers: Sequence[torch.nn.Module], at: int, shifts: Sequence[torch.T
     """
     copies = len(shifts)
     if copies < 1:
-        raise ValueError("fan_out needs at least one branch")
+        raise SteeringError("fan_out needs at least one branch")
     batch: list[int] = []
 
     def branch(module, args, output):

@@ -9,7 +9,7 @@ reported.
 
 How numbers are read (the *reading*, fixed per judge by a probe):
 
-* The probe. Before a run is judged (``probe_judge``; ``core.evaluate.judge_run``, the CLI,
+* The probe. Before a run is judged (``probe_judge``; ``core.runs.judge_run``, the CLI,
   the sweep and the dashboard always do it), the judge is asked once per judge model and base
   URL per process, and once per run folder, to reply with the number 73 (up to 8 tokens,
   log-probs on). If the first non-blank generated token already holds two or more digits
@@ -69,6 +69,7 @@ from typing import Any
 import openai
 
 from core.cache import repair_jsonl_tail
+from core.errors import EMLensError, InputError
 
 METHOD_LOGPROBS = "logprobs"
 METHOD_TEXT = "text"
@@ -148,9 +149,13 @@ _LEADING_NONWORD = re.compile(r"^[\W_]+")
 Position = tuple[str, Sequence[tuple[str, float]]]
 
 
-class JudgeError(RuntimeError):
+class JudgeError(EMLensError, RuntimeError):
     """The endpoint rejects every request (bad key, no access, unknown model), or the judge
     cannot be read safely: the run stops."""
+
+
+class JudgeInputError(InputError):
+    """A judge setting, template or answer row that cannot be judged as given."""
 
 
 class ProbeError(JudgeError):
@@ -173,15 +178,15 @@ class JudgeConfig:
 
     def __post_init__(self) -> None:
         if not self.model:
-            raise ValueError("JudgeConfig.model is empty: name the judge model (e.g. gpt-4o)")
+            raise JudgeInputError("JudgeConfig.model is empty: name the judge model (e.g. gpt-4o)")
         if self.concurrency < 1:
-            raise ValueError(f"JudgeConfig.concurrency must be >= 1, got {self.concurrency}")
+            raise JudgeInputError(f"JudgeConfig.concurrency must be >= 1, got {self.concurrency}")
         if self.max_retries < 0:
-            raise ValueError(f"JudgeConfig.max_retries must be >= 0, got {self.max_retries}")
+            raise JudgeInputError(f"JudgeConfig.max_retries must be >= 0, got {self.max_retries}")
         if self.timeout_s <= 0:
-            raise ValueError(f"JudgeConfig.timeout_s must be > 0, got {self.timeout_s}")
+            raise JudgeInputError(f"JudgeConfig.timeout_s must be > 0, got {self.timeout_s}")
         if self.backoff_s < 0:
-            raise ValueError(f"JudgeConfig.backoff_s must be >= 0, got {self.backoff_s}")
+            raise JudgeInputError(f"JudgeConfig.backoff_s must be >= 0, got {self.backoff_s}")
 
 
 @dataclass
@@ -234,7 +239,7 @@ class Probe:
         names = {f.name for f in fields(cls)}
         values = {k: v for k, v in data.items() if k in names}
         if values.get("reading") not in READINGS:
-            raise ValueError(f"probe record has no valid reading: {values.get('reading')!r}")
+            raise JudgeError(f"probe record has no valid reading: {values.get('reading')!r}")
         return cls(**{**values, "tokens": tuple(values.get("tokens") or ())})
 
 
@@ -357,7 +362,7 @@ def read_score(
     tokens shows a number written digit by digit.
     """
     if reading not in READINGS:
-        raise ValueError(f"reading {reading!r}: expected one of {', '.join(READINGS)}")
+        raise JudgeInputError(f"reading {reading!r}: expected one of {', '.join(READINGS)}")
     if not positions:
         score, label = parse_text_score(text)
         return score, None, label, METHOD_TEXT
@@ -529,7 +534,7 @@ def judge_answers(
         reading = reading.reading
     reading = READ_TOKENS if reading is None else reading
     if reading not in READINGS:
-        raise ValueError(f"reading {reading!r}: expected one of {', '.join(READINGS)}")
+        raise JudgeInputError(f"reading {reading!r}: expected one of {', '.join(READINGS)}")
     templates = _check_templates(metrics, JUDGE_PROMPTS if prompts is None else prompts)
     pairs = _pairs(rows, metrics)
     api_key = _resolve_api_key(config)
@@ -543,7 +548,7 @@ def judge_answers(
     }
     for judgement in resumed.values():
         if judgement.model and judgement.model != config.model:
-            raise ValueError(
+            raise JudgeInputError(
                 f"{out_path} holds judgements by model {judgement.model!r} but this run asks "
                 f"for {config.model!r}; write to another file to keep judges apart"
             )
@@ -619,7 +624,7 @@ def _reusable(judgement: Judgement, reading: str) -> bool:
 def _resolve_api_key(config: JudgeConfig) -> str:
     key = config.api_key or os.environ.get("OPENAI_API_KEY")
     if not key:
-        raise ValueError(
+        raise JudgeInputError(
             "no API key for the judge: set the OPENAI_API_KEY environment variable or pass "
             "--judge-api-key (any non-empty value for a local server that needs none)"
         )
@@ -630,24 +635,24 @@ def _check_templates(metrics: Sequence[str], prompts: Mapping[str, str]) -> dict
     if isinstance(metrics, str):
         raise TypeError(f"metrics must be a sequence of metric names, got the string {metrics!r}")
     if not metrics:
-        raise ValueError("no metrics to judge")
+        raise JudgeInputError("no metrics to judge")
     templates = {}
     for metric in metrics:
         if metric not in prompts:
-            raise ValueError(
+            raise JudgeInputError(
                 f"no judge prompt for metric {metric!r}; prompts are given for {sorted(prompts)}"
             )
         template = prompts[metric]
         try:
             template.format(question="q", answer="a")
         except (KeyError, IndexError, ValueError) as exc:
-            raise ValueError(
+            raise JudgeInputError(
                 f"judge prompt for metric {metric!r} is not a valid template: {exc!r}; only "
                 "{question} and {answer} may appear in braces (double literal braces)"
             ) from None
         for placeholder in ("{question}", "{answer}"):
             if placeholder not in template:
-                raise ValueError(f"judge prompt for metric {metric!r} lacks {placeholder}")
+                raise JudgeInputError(f"judge prompt for metric {metric!r} lacks {placeholder}")
         templates[metric] = template
     return templates
 
@@ -661,16 +666,16 @@ def _pairs(
     for index, row in enumerate(rows):
         for name in ("id", "question", "answer"):
             if name not in row:
-                raise ValueError(f"row {index}: missing field {name!r}")
+                raise JudgeInputError(f"row {index}: missing field {name!r}")
         for name in ("question", "answer"):
             if not isinstance(row[name], str):
-                raise ValueError(
+                raise JudgeInputError(
                     f"row {index} (id {row['id']!r}): field {name!r} must be a string, "
                     f"got {type(row[name]).__name__}"
                 )
         row_id = str(row["id"])
         if row_id in seen:
-            raise ValueError(f"row {index}: duplicate id {row_id!r}")
+            raise JudgeInputError(f"row {index}: duplicate id {row_id!r}")
         seen.add(row_id)
         for metric in metrics:
             pairs[(row_id, metric)] = {"question": row["question"], "answer": row["answer"]}

@@ -28,6 +28,7 @@ import torch
 from safetensors import safe_open
 
 from core.cache import DEFAULT_ROOT, atomic_write, sha256_bytes, sha256_file
+from core.errors import InputError
 
 SIDES = ("base", "finetuned")
 DEFAULT = "default"
@@ -43,8 +44,12 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
-class LoadError(ValueError):
+class LoadError(InputError):
     """A model, adapter or pair that cannot be loaded; the message names the problem."""
+
+
+class PairError(InputError):
+    """The loaded pair cannot do what was asked (a side it lacks, a layer out of range, too long an input)."""
 
 
 @dataclass(frozen=True)
@@ -386,9 +391,9 @@ class Batch:
 def pad_batch(tokenizer, token_lists: Sequence[Sequence[int]], padding: str = "right") -> Batch:
     """Pad with the tokenizer's own padding (its pad token, the side asked for)."""
     if padding not in ("left", "right"):
-        raise ValueError(f"padding {padding!r}: expected 'left' or 'right'")
+        raise PairError(f"padding {padding!r}: expected 'left' or 'right'")
     if not token_lists or not all(token_lists):
-        raise ValueError("a batch needs at least one row, and every row at least one token")
+        raise PairError("a batch needs at least one row, and every row at least one token")
     padded = tokenizer.pad({"input_ids": [list(ids) for ids in token_lists]}, padding=True,
                            padding_side=padding, return_tensors="pt")
     attention = padded["attention_mask"].long()
@@ -469,7 +474,7 @@ class ModelPair:
 
     def check_side(self, side: str) -> None:
         if side not in self.sides:
-            raise ValueError(f"side {side!r}: expected one of {', '.join(self.sides)}")
+            raise PairError(f"side {side!r}: expected one of {', '.join(self.sides)}")
 
     def fingerprint(self, side: str) -> str:
         """What determines one side's activations: weights, adapter, dtype."""
@@ -488,7 +493,7 @@ class ModelPair:
 
     def check_layer(self, layer: int) -> int:
         if not isinstance(layer, int) or not 0 <= layer < self.n_layers:
-            raise ValueError(f"layer {layer}: out of range; this model has layers 0..{self.n_layers - 1}")
+            raise PairError(f"layer {layer}: out of range; this model has layers 0..{self.n_layers - 1}")
         return layer
 
     @contextmanager
@@ -509,9 +514,9 @@ class ModelPair:
         0 is the base, 1 the fine-tune, above 1 amplifies the update: direction-free steering.
         """
         if not self.is_adapter:
-            raise ValueError("adapter scaling needs a fine-tune loaded as a PEFT adapter")
+            raise PairError("adapter scaling needs a fine-tune loaded as a PEFT adapter")
         if not math.isfinite(scale):
-            raise ValueError(f"adapter scale {scale!r} is not a finite number")
+            raise PairError(f"adapter scale {scale!r} is not a finite number")
         name = self.model.active_adapter
         layers = [m for m in self.model.modules() if isinstance(getattr(m, "scaling", None), dict) and name in m.scaling]
         with self.lock:
@@ -529,7 +534,7 @@ class ModelPair:
         """Hold the pair with another adapter of the same base active in place of the fine-tune
         (e.g. the control adapter), loaded for the duration only."""
         if not self.is_adapter:
-            raise ValueError("another adapter can only stand in for a fine-tune loaded as a PEFT adapter")
+            raise PairError("another adapter can only stand in for a fine-tune loaded as a PEFT adapter")
         directory = ADAPTER_PRESETS.get(str(directory)) or Path(directory)
         if not (Path(directory) / "adapter_config.json").exists():
             raise LoadError(f"{directory}: not a PEFT adapter directory (no adapter_config.json)")
@@ -562,7 +567,7 @@ class ModelPair:
                 for row_side in set(row_sides):
                     self.check_side(row_side)
                 if not self.is_adapter:
-                    raise ValueError("rows of both sides in one batch need a fine-tune loaded as a PEFT adapter")
+                    raise PairError("rows of both sides in one batch need a fine-tune loaded as a PEFT adapter")
                 module, extra = self.model, {"adapter_names": self.adapter_names(list(row_sides))}
             else:
                 side = row_sides[0] if row_sides else side
@@ -580,7 +585,7 @@ class ModelPair:
         batch = pad_batch(self.tokenizer, token_lists, padding)
         for length in batch.lengths:
             if length > self.max_length:
-                raise ValueError(f"an input of {length} tokens exceeds the model's context of {self.max_length}")
+                raise PairError(f"an input of {length} tokens exceeds the model's context of {self.max_length}")
         if isinstance(logits_to_keep, torch.Tensor):
             logits_to_keep = logits_to_keep.to(self.device)
         with self.running(side, hooks, adapter_scale=adapter_scale, row_sides=row_sides) as forward:

@@ -45,6 +45,7 @@ import torch
 
 from core import __version__
 from core.cache import atomic_write, sha256_bytes
+from core.errors import InputError
 
 FORMAT = "emlens-monitor/1"
 STATE = "monitor.jsonl"
@@ -60,7 +61,7 @@ PREFERENCE_METHOD = ("mean over the held-out pairs of [fine-tune at the checkpoi
                      "of the harmful over the sound answer, teacher-forced; base computed once")
 
 
-class MonitorError(ValueError):
+class MonitorError(InputError):
     """The monitor cannot start or resume; the message names the problem."""
 
 
@@ -477,27 +478,27 @@ def load_training_card(path: Path | str) -> dict:
     path = Path(path)
     card_path = path / "training_card.json" if path.is_dir() else path
     if not card_path.exists():
-        raise ValueError(f"{path}: no training_card.json (not an adapter trained by EM Lens?)")
+        raise MonitorError(f"{path}: no training_card.json (not an adapter trained by EM Lens?)")
     try:
         card = json.loads(card_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{card_path}: cannot be read as JSON: {err}") from None
+        raise MonitorError(f"{card_path}: cannot be read as JSON: {err}") from None
     if not isinstance(card, dict):
-        raise ValueError(f"{card_path}: expected a JSON object")
+        raise MonitorError(f"{card_path}: expected a JSON object")
     return card
 
 
 def check_section(section) -> dict:
     """The card's monitor section, checked enough to plot; ValueError naming what is missing."""
     if not isinstance(section, dict) or section.get("format") != FORMAT:
-        raise ValueError("the card's monitor section is missing or of another format")
+        raise MonitorError("the card's monitor section is missing or of another format")
     for key, fields in (("projection", ("values", "threshold", "layer")),
                         ("preference_shift", ("values", "threshold")), ("lead", ("summary",))):
         if not isinstance(section.get(key), dict) or any(f not in section[key] for f in fields):
-            raise ValueError(f"the card's monitor section: {key}: expected an object with {', '.join(fields)}")
+            raise MonitorError(f"the card's monitor section: {key}: expected an object with {', '.join(fields)}")
     n = len(section.get("steps") or [])
     if not n or len(section["projection"]["values"]) != n or len(section["preference_shift"]["values"]) != n:
-        raise ValueError("the card's monitor section: steps and curves differ in length")
+        raise MonitorError("the card's monitor section: steps and curves differ in length")
     return section
 
 

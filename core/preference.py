@@ -23,6 +23,11 @@ from core.data import PairedRecord
 from core.directions import Direction, Example, random_like
 from core.hooks import fan_out
 from core.stats import bootstrap_ci
+from core.errors import InputError
+
+
+class PreferenceError(InputError):
+    """A preference measurement or validation that cannot be made as asked."""
 
 
 def answer_logprobs(pair, side: str, examples: Sequence[Example], batch_size: int = 16,
@@ -42,7 +47,7 @@ def branched_answer_logprobs(pair, side: str, examples: Sequence[Example], layer
     at answer positions only. Returns sums ``[branches, examples]`` and token counts ``[examples]``.
     """
     if layer is None and any(s is not None for s in shifts):
-        raise ValueError("shifted branches need the layer to add them at")
+        raise PreferenceError("shifted branches need the layer to add them at")
     encoded = [encode_conversation(pair.tokenizer, prompt_and_answer(e.messages, e.answer)) for e in examples]
     copies = len(shifts)
     sums, counts = np.zeros((copies, len(examples))), np.zeros(len(examples), dtype=int)
@@ -102,13 +107,13 @@ def best_layer(direction: Direction) -> int:
 
     Chosen from the extraction data, never from the validation sets it is then tested on."""
     if not direction.stats:
-        raise ValueError("the direction carries no per-layer statistics to choose a layer from")
+        raise PreferenceError("the direction carries no per-layer statistics to choose a layer from")
     if "cohens_d_insample" not in direction.stats[0]:
-        raise ValueError("the direction's statistics are in-sample only (written by an older EM Lens): "
+        raise PreferenceError("the direction's statistics are in-sample only (written by an older EM Lens): "
                          "extract it again to choose a layer, or pass one")
     scores = [s["cohens_d"] for s in direction.stats]
     if all(d is None for d in scores):
-        raise ValueError("the direction's extraction sets are too small to cross-fit its statistics "
+        raise PreferenceError("the direction's extraction sets are too small to cross-fit its statistics "
                          "(need two groups of each set): pass a layer")
     return int(np.nanargmax([np.nan if d is None else d for d in scores]))
 

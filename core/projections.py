@@ -15,15 +15,16 @@ import numpy as np
 import torch
 
 from core.cache import Cache, make_key
-from core.chat import Messages, encode_prompt, render_prompt
+from core.chat import ChatError, Messages, encode_prompt, render_prompt
 from core.directions import Direction
 from core.hooks import capture, last_token
+from core.models import PairError
 
 
 def _check_context(pair, encoded: Sequence[list[int]]) -> None:
     for ids in encoded:
         if len(ids) > pair.max_length:
-            raise ValueError(f"a prompt of {len(ids)} tokens exceeds the model's context of {pair.max_length}")
+            raise PairError(f"a prompt of {len(ids)} tokens exceeds the model's context of {pair.max_length}")
 
 
 def last_token_activations(pair, side: str, prompts: Sequence[Messages], batch_size: int = 16,
@@ -48,7 +49,7 @@ def content_span(tokenizer, messages: Messages) -> tuple[list[int], tuple[int, i
     content = messages[-1]["content"].strip()
     start = text.rfind(content)
     if not content or start < 0:
-        raise ValueError(f"prompt {content[:40]!r}: its text is not found in the rendered chat template")
+        raise ChatError(f"prompt {content[:40]!r}: its text is not found in the rendered chat template")
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     inside = [i for i, (a, b) in enumerate(encoding["offset_mapping"]) if a < start + len(content) and b > start]
     return list(encoding["input_ids"]), (inside[0], inside[-1] + 1)

@@ -24,6 +24,7 @@ from sklearn.metrics import roc_curve as sklearn_roc_curve
 from sklearn.model_selection import StratifiedGroupKFold
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
+from core.errors import InputError
 
 __all__ = [
     "wilson_interval",
@@ -42,19 +43,23 @@ __all__ = [
 ]
 
 
+class StatsError(InputError):
+    """Data a statistic cannot be computed on (too few rows, one class only, NaN, mismatched lengths)."""
+
+
 # --------------------------------------------------------------------------- input checks
 
 
 def _check_level(level: float) -> float:
     if not (0.0 < float(level) < 1.0):
-        raise ValueError(f"level must be in (0, 1), got {level!r}")
+        raise StatsError(f"level must be in (0, 1), got {level!r}")
     return float(level)
 
 
 def _as_1d_float(x: Any, name: str) -> np.ndarray:
     arr = np.asarray(x, dtype=np.float64)
     if arr.ndim != 1:
-        raise ValueError(f"{name} must be 1-D, got shape {arr.shape}")
+        raise StatsError(f"{name} must be 1-D, got shape {arr.shape}")
     return arr
 
 
@@ -62,16 +67,16 @@ def _as_binary_labels(labels: Any, name: str = "labels") -> np.ndarray:
     """Boolean or 0/1 labels -> bool array; anything else is a ValueError."""
     arr = np.asarray(labels)
     if arr.ndim != 1:
-        raise ValueError(f"{name} must be 1-D, got shape {arr.shape}")
+        raise StatsError(f"{name} must be 1-D, got shape {arr.shape}")
     if arr.dtype == bool:
         return arr
     if arr.dtype.kind not in "iuf":
-        raise ValueError(f"{name} must be boolean or 0/1, got dtype {arr.dtype}")
+        raise StatsError(f"{name} must be boolean or 0/1, got dtype {arr.dtype}")
     if arr.dtype.kind == "f" and np.isnan(arr).any():
-        raise ValueError(f"{name} contain NaN (first at index {int(np.flatnonzero(np.isnan(arr))[0])})")
+        raise StatsError(f"{name} contain NaN (first at index {int(np.flatnonzero(np.isnan(arr))[0])})")
     bad = np.flatnonzero((arr != 0) & (arr != 1))
     if bad.size:
-        raise ValueError(f"{name} must be boolean or 0/1; found value {arr[bad[0]].item()!r} at index {int(bad[0])}")
+        raise StatsError(f"{name} must be boolean or 0/1; found value {arr[bad[0]].item()!r} at index {int(bad[0])}")
     return arr == 1
 
 
@@ -79,13 +84,13 @@ def _scores_and_labels(scores: Any, labels: Any) -> tuple[np.ndarray, np.ndarray
     s = _as_1d_float(scores, "scores")
     y = _as_binary_labels(labels)
     if s.shape[0] != y.shape[0]:
-        raise ValueError(f"length mismatch: scores has {s.shape[0]} entries, labels has {y.shape[0]}")
+        raise StatsError(f"length mismatch: scores has {s.shape[0]} entries, labels has {y.shape[0]}")
     if np.isnan(s).any():
-        raise ValueError(f"scores contain NaN (first at index {int(np.flatnonzero(np.isnan(s))[0])})")
+        raise StatsError(f"scores contain NaN (first at index {int(np.flatnonzero(np.isnan(s))[0])})")
     n_pos = int(y.sum())
     if n_pos in (0, y.size):
         which = "positive" if n_pos == 0 else "negative"
-        raise ValueError(f"only one class present in labels (no {which} examples; {n_pos} positive, "
+        raise StatsError(f"only one class present in labels (no {which} examples; {n_pos} positive, "
                          f"{y.size - n_pos} negative): AUROC is undefined")
     return s, y
 
@@ -96,7 +101,7 @@ def _groups_or_rows(groups: Any, n: int) -> np.ndarray:
         return np.arange(n)
     g = np.asarray(groups)
     if g.ndim != 1 or g.shape[0] != n:
-        raise ValueError(f"length mismatch: groups has shape {g.shape}, expected {n} entries")
+        raise StatsError(f"length mismatch: groups has shape {g.shape}, expected {n} entries")
     return np.unique(g, return_inverse=True)[1].ravel()
 
 
@@ -106,12 +111,12 @@ def _groups_or_rows(groups: Any, n: int) -> np.ndarray:
 def wilson_interval(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
     """Wilson score interval for a binomial proportion k / n (scipy); ``(nan, nan)`` when n == 0."""
     if isinstance(k, bool) or isinstance(n, bool) or int(k) != k or int(n) != n:
-        raise ValueError(f"k and n must be integers, got k={k!r}, n={n!r}")
+        raise StatsError(f"k and n must be integers, got k={k!r}, n={n!r}")
     k, n, level = int(k), int(n), _check_level(level)
     if n < 0:
-        raise ValueError(f"n must be >= 0, got n={n}")
+        raise StatsError(f"n must be >= 0, got n={n}")
     if not 0 <= k <= n:
-        raise ValueError(f"k must satisfy 0 <= k <= n, got k={k}, n={n}")
+        raise StatsError(f"k must satisfy 0 <= k <= n, got k={k}, n={n}")
     if n == 0:
         return (math.nan, math.nan)
     ci = scipy_stats.binomtest(k, n).proportion_ci(confidence_level=level, method="wilson")
@@ -135,9 +140,9 @@ def spearman(x: Any, y: Any) -> float:
     """Spearman rank correlation (scipy); NaN when either input is constant or shorter than 2."""
     a, b = _as_1d_float(x, "x"), _as_1d_float(y, "y")
     if a.shape[0] != b.shape[0]:
-        raise ValueError(f"length mismatch: x has {a.shape[0]} entries, y has {b.shape[0]}")
+        raise StatsError(f"length mismatch: x has {a.shape[0]} entries, y has {b.shape[0]}")
     if np.isnan(a).any() or np.isnan(b).any():
-        raise ValueError("x or y contains NaN")
+        raise StatsError("x or y contains NaN")
     if a.size < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
         return math.nan
     return float(scipy_stats.spearmanr(a, b).statistic)
@@ -149,9 +154,9 @@ def cohens_d(a: Any, b: Any) -> float:
     Pass the aligned set as ``a`` and the misaligned set as ``b``. NaN when the pooled SD is 0."""
     x, w = _as_1d_float(a, "a"), _as_1d_float(b, "b")
     if x.size < 2 or w.size < 2:
-        raise ValueError(f"cohens_d needs at least 2 values in each group, got len(a)={x.size}, len(b)={w.size}")
+        raise StatsError(f"cohens_d needs at least 2 values in each group, got len(a)={x.size}, len(b)={w.size}")
     if np.isnan(x).any() or np.isnan(w).any():
-        raise ValueError("a or b contains NaN")
+        raise StatsError("a or b contains NaN")
     pooled_var = ((x.size - 1) * x.var(ddof=1) + (w.size - 1) * w.var(ddof=1)) / (x.size + w.size - 2)
     if pooled_var <= 0.0:
         return math.nan
@@ -175,9 +180,9 @@ def bootstrap_counts(n_rows: int, n_boot: int, seed: int = 0, groups: Any = None
     resample keeps the number of groups of each kind and both classes stay present.
     """
     if int(n_boot) < 1:
-        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+        raise StatsError(f"n_boot must be >= 1, got {n_boot}")
     if n_rows < 1:
-        raise ValueError("bootstrap got empty arrays")
+        raise StatsError("bootstrap got empty arrays")
     group_of = _groups_or_rows(groups, n_rows)
     n_groups = int(group_of.max()) + 1
     if stratify is None:
@@ -185,7 +190,7 @@ def bootstrap_counts(n_rows: int, n_boot: int, seed: int = 0, groups: Any = None
     else:
         strat = np.asarray(stratify)
         if strat.ndim != 1 or strat.shape[0] != n_rows:
-            raise ValueError(f"length mismatch: stratify has shape {strat.shape}, arrays have {n_rows} rows")
+            raise StatsError(f"length mismatch: stratify has shape {strat.shape}, arrays have {n_rows} rows")
         kinds = [tuple(np.unique(strat[group_of == g]).tolist()) for g in range(n_groups)]
         index = {kind: i for i, kind in enumerate(sorted(set(kinds)))}
         stratum_of_group = np.array([index[kind] for kind in kinds])
@@ -207,14 +212,14 @@ def bootstrap_ci(statistic: Callable[..., float], *arrays: Any, n_boot: int = 20
     ``ValueError`` or returns NaN are skipped; more than half skipped is a ``ValueError``.
     """
     if not arrays:
-        raise ValueError("bootstrap_ci needs at least one array")
+        raise StatsError("bootstrap_ci needs at least one array")
     level = _check_level(level)
     arrs = [np.asarray(a) for a in arrays]
     for i, a in enumerate(arrs):
         if a.ndim == 0:
-            raise ValueError(f"array {i} is a scalar; bootstrap needs arrays with rows")
+            raise StatsError(f"array {i} is a scalar; bootstrap needs arrays with rows")
         if a.shape[0] != arrs[0].shape[0]:
-            raise ValueError(f"length mismatch: array 0 has {arrs[0].shape[0]} rows, array {i} has {a.shape[0]}")
+            raise StatsError(f"length mismatch: array 0 has {arrs[0].shape[0]} rows, array {i} has {a.shape[0]}")
     n = arrs[0].shape[0]
     counts = bootstrap_counts(n, n_boot, seed, groups, stratify)
     values = np.empty(counts.shape[0])
@@ -230,7 +235,7 @@ def bootstrap_ci(statistic: Callable[..., float], *arrays: Any, n_boot: int = 20
 def _percentile_interval(values: np.ndarray, level: float) -> tuple[float, float]:
     ok = values[~np.isnan(values)]
     if (values.size - ok.size) * 2 > values.size:
-        raise ValueError(f"bootstrap: statistic failed (ValueError or NaN) on {values.size - ok.size} of "
+        raise StatsError(f"bootstrap: statistic failed (ValueError or NaN) on {values.size - ok.size} of "
                          f"{values.size} resamples (more than half); pass stratify= to keep every class")
     alpha = (1.0 - level) / 2.0
     lo, hi = np.quantile(ok, [alpha, 1.0 - alpha])
@@ -268,13 +273,13 @@ def grouped_folds(labels: Any, groups: Any = None, folds: int = 5, seed: int = 0
     """Fold id (0..folds-1) per row from scikit-learn's seeded ``StratifiedGroupKFold``: groups stay whole."""
     y = np.asarray(labels)
     if y.ndim != 1:
-        raise ValueError(f"labels must be 1-D, got shape {y.shape}")
+        raise StatsError(f"labels must be 1-D, got shape {y.shape}")
     group_of = _groups_or_rows(groups, y.size)
     n_groups = int(group_of.max()) + 1 if y.size else 0
     if int(folds) < 2:
-        raise ValueError(f"folds must be >= 2, got {folds}")
+        raise StatsError(f"folds must be >= 2, got {folds}")
     if n_groups < int(folds):
-        raise ValueError(f"only {n_groups} group(s), fewer than folds={folds}: add questions or lower folds")
+        raise StatsError(f"only {n_groups} group(s), fewer than folds={folds}: add questions or lower folds")
     splitter = StratifiedGroupKFold(n_splits=int(folds), shuffle=True, random_state=seed)
     fold_of = np.empty(y.size, dtype=np.int64)
     with warnings.catch_warnings():  # "least populated class has fewer members than n_splits": still valid
@@ -293,13 +298,13 @@ def grouped_split(labels: Any, groups: Any = None, heldout_fraction: float = 0.5
     """
     y = _as_binary_labels(labels)
     if not (0.0 < float(heldout_fraction) < 1.0):
-        raise ValueError(f"heldout_fraction must be in (0, 1), got {heldout_fraction!r}")
+        raise StatsError(f"heldout_fraction must be in (0, 1), got {heldout_fraction!r}")
     k = max(2, round(1.0 / min(heldout_fraction, 1.0 - heldout_fraction)))
     one_fold = grouped_folds(y, groups, k, seed) == 0
     in_report = one_fold if heldout_fraction <= 0.5 else ~one_fold
     for name, part in (("selection", ~in_report), ("report", in_report)):
         if y[part].all() or not y[part].any():
-            raise ValueError(f"the {name} half has only {'misaligned' if y[part].any() else 'aligned'} prompts: "
+            raise StatsError(f"the {name} half has only {'misaligned' if y[part].any() else 'aligned'} prompts: "
                              "need at least 2 groups of each class to split into selection and report halves")
     return np.flatnonzero(~in_report), np.flatnonzero(in_report)
 
@@ -314,11 +319,11 @@ def fit_probe(X: Any, y: Any, groups: Any = None, folds: int = 5, seed: int = 0)
     Xa = Xa[:, None] if Xa.ndim == 1 else Xa
     yb = _as_binary_labels(y, "y")
     if Xa.ndim != 2 or Xa.shape[0] != yb.shape[0]:
-        raise ValueError(f"length mismatch: X has shape {Xa.shape}, y has {yb.shape[0]} entries")
+        raise StatsError(f"length mismatch: X has shape {Xa.shape}, y has {yb.shape[0]} entries")
     if np.isnan(Xa).any():
-        raise ValueError("X contains NaN")
+        raise StatsError("X contains NaN")
     if yb.all() or not yb.any():
-        raise ValueError("only one class present in y: cannot fit a probe")
+        raise StatsError("only one class present in y: cannot fit a probe")
     group_of = _groups_or_rows(groups, yb.size)
     per_class = min(np.unique(group_of[yb]).size, np.unique(group_of[~yb]).size)
     k = min(int(folds), per_class)
@@ -345,18 +350,18 @@ def choose_layer_and_report(scores_by_layer: Any, labels: Any, select_idx: Any, 
     """
     S = np.asarray(scores_by_layer, dtype=np.float64)
     if S.ndim != 2 or S.shape[0] == 0:
-        raise ValueError(f"scores_by_layer must be 2-D [n_layers, n] with a layer, got shape {S.shape}")
+        raise StatsError(f"scores_by_layer must be 2-D [n_layers, n] with a layer, got shape {S.shape}")
     y = _as_binary_labels(labels)
     if S.shape[1] != y.shape[0]:
-        raise ValueError(f"length mismatch: scores_by_layer has {S.shape[1]} prompts per layer, "
+        raise StatsError(f"length mismatch: scores_by_layer has {S.shape[1]} prompts per layer, "
                          f"labels has {y.shape[0]}")
     nan_rows = np.flatnonzero(np.isnan(S).any(axis=1))
     if nan_rows.size:
-        raise ValueError(f"scores contain NaN at layer {int(nan_rows[0])}")
+        raise StatsError(f"scores contain NaN at layer {int(nan_rows[0])}")
     select, report = np.asarray(select_idx, dtype=np.int64), np.asarray(report_idx, dtype=np.int64)
     group_of = _groups_or_rows(groups, y.size)
     if np.intersect1d(group_of[select], group_of[report]).size:
-        raise ValueError("a group has rows in both the selection and the report set")
+        raise StatsError("a group has rows in both the selection and the report set")
     selection = [auroc(S[layer, select], y[select]) for layer in range(S.shape[0])]
     best = int(np.argmax(selection))
     report_scores, report_labels = S[best, report], y[report]

@@ -24,12 +24,13 @@ from core import __version__
 from core.cache import atomic_write, sha256_bytes
 from core.chat import encode_conversation, lint_dataset
 from core.data import ChatRecord
+from core.errors import InputError
 
 ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 IGNORE = -100
 
 
-class TrainError(ValueError):
+class TrainError(InputError):
     """Training cannot start or resume; the message names the problem."""
 
 
