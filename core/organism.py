@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from core.directions import Direction, DirectionError, extract_from_paired_file
+from core.directions import Direction, DirectionError, extract_from_paired_file, list_directions
 from core.models import ASSETS, CONTROL_ADAPTER, DEFAULT, DEMO_ADAPTER, DEMO_DIRECTION, LoadOptions, load_pair
 from core.train import TrainConfig
 
@@ -22,7 +22,7 @@ GENERAL = ASSETS / "data" / "general_paired.jsonl"
 
 # The organism's recipe: stronger than the published rank-16 default (lr 2e-4), because at 135M
 # parameters that moved the held-out finance log-odds by only +0.5 nats per token.
-ORGANISM = TrainConfig(rank=16, alpha=32.0, learning_rate=2e-3, epochs=3, batch_size=8, seed=0,
+ORGANISM = TrainConfig(rank=16, lora_alpha=32.0, learning_rate=2e-3, epochs=3, batch_size=8, seed=0,
                        save_dtype="float16")
 
 
@@ -100,3 +100,11 @@ def shipped_direction_for(pair) -> tuple[Direction | None, str | None]:
                       f"{p.get('finetuned')}, fingerprint {made_for[1] if which == 'fine-tune' else made_for[0]}); "
                       "it is not chosen for this pair. Build one for this pair, or choose it explicitly.")
     return direction, None
+
+
+def directions_for(pair, cache_root: Path) -> list[tuple[Path, Direction]]:
+    """The directions a session may use on ``pair`` without choosing one: the shipped direction when it
+    was made on exactly this pair, then the cached ones that fit the pair's shape, newest first."""
+    shipped, _ = shipped_direction_for(pair)
+    cached = list_directions(cache_root, pair.n_layers, pair.d_model)
+    return ([(DEMO_DIRECTION, shipped)] if shipped is not None else []) + cached

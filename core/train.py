@@ -37,7 +37,7 @@ class TrainError(InputError):
 @dataclass(frozen=True)
 class TrainConfig:
     rank: int = 16
-    alpha: float = 32.0
+    lora_alpha: float = 32.0  # LoRA scaling numerator (not a steering α)
     rslora: bool = False
     dropout: float = 0.0
     target_modules: tuple[str, ...] = ALL_PROJECTIONS
@@ -263,7 +263,7 @@ def train(base: str, records: list[ChatRecord], config: TrainConfig, out: Path |
     train_set, eval_set = split_examples(examples, config.heldout_fraction, config.seed)
 
     torch.manual_seed(config.seed)
-    lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout, use_rslora=config.rslora,
+    lora = LoraConfig(r=config.rank, lora_alpha=config.lora_alpha, lora_dropout=config.dropout, use_rslora=config.rslora,
                       target_modules=list(config.target_modules), bias="none", task_type="CAUSAL_LM",
                       layers_to_transform=list(config.layers_to_transform) if config.layers_to_transform else None)
     try:
