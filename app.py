@@ -1,19 +1,20 @@
 """EM Lens dashboard: ``streamlit run app.py``. The home page picks the model pair and the direction."""
 
+from pathlib import Path
+
 import pandas as pd
 import streamlit as st
 
 import ui
 from core.directions import Direction, cache_path, extract_from_paired_file, list_directions
 from core.models import ASSETS, DEMO_DIRECTION
-from core.organism import shipped_direction_for
-
+from core.organism import directions_for, shipped_direction_for
 
 PRESETS = {"Demo organism (risky finance)": "default", "Control (same training, sound answers)": "control"}
 
 
 def pick_pair() -> None:
-    spec = ui.pair_spec()
+    spec = st.session_state.pair_spec
     columns = st.columns(len(PRESETS) + 1, vertical_alignment="center")
     columns[0].caption("Embedded pairs:")
     for column, (title, finetuned) in zip(columns[1:], PRESETS.items()):
@@ -50,9 +51,9 @@ def show_pair(pair) -> None:
         st.json(info)
 
 
-def pick_direction(pair) -> None:
+def choose_direction(pair) -> None:
     root = ui.cache_root()
-    found = ui.direction_choices(pair)
+    found = directions_for(pair, root)
     others = len(list_directions(root)) - len(list_directions(root, pair.n_layers, pair.d_model))
     _, mismatch = shipped_direction_for(pair)
     if mismatch:
@@ -69,7 +70,7 @@ def pick_direction(pair) -> None:
 
     current = ui.direction_or_none(pair)
     options = {str(path): ui.direction_label(path, d) for path, d in found}
-    chosen = st.session_state.get("direction_path")
+    chosen = st.session_state.direction_path
     if current is not None and chosen not in options:
         options[chosen] = ui.direction_label(chosen, current)
     if options:
@@ -81,17 +82,20 @@ def pick_direction(pair) -> None:
             st.warning(f"This direction was extracted on another base ({current.provenance.get('base')}); "
                        "its shape fits, but its meaning may not carry over.")
 
+
+def use_direction_file(pair) -> None:
+    """A direction file typed by path, chosen on "Use file" when it fits the pair."""
     left, right = st.columns([4, 1], vertical_alignment="bottom")
-    other = left.text_input("Or use a direction file", key="direction_file",
-                            placeholder="path/to/direction.safetensors")
-    if right.button("Use file", key="direction_use_file") and other.strip():
+    typed = left.text_input("Or use a direction file", key="direction_file",
+                            placeholder="path/to/direction.safetensors").strip()
+    if right.button("Use file", key="direction_use_file") and typed:
         with ui.guard():
-            Direction.load(other.strip()).check_fits(pair.n_layers, pair.d_model, "the loaded pair")
-            st.session_state.direction_path = other.strip()
-            st.rerun()
+            Direction.load(typed).check_fits(pair.n_layers, pair.d_model, "the loaded pair")
+            st.session_state.direction_path = typed
 
 
-def build_direction(pair) -> None:
+def build_direction(pair) -> Path | None:
+    """Extract a direction from a paired contrast file on a click; returns the file it saved (and chose)."""
     with st.expander("Build a direction from a contrast file"):
         st.caption("A paired JSONL file: one prompt with an aligned and a misaligned answer per line "
                    "(see `assets/data/`).")
@@ -102,17 +106,18 @@ def build_direction(pair) -> None:
                                        "model-diff: fine-tuned minus base on the same answers")
         split = middle.selectbox("Split", ["train", "heldout", "all"])
         batch_size = right.number_input("Batch size", 1, 256, 8)
-        if st.button("Extract direction", key="extract_go"):
-            bar = st.progress(0.0, text="teacher-forcing the answers ...")
-            with ui.guard():
-                direction = extract_from_paired_file(
-                    pair, data.strip(), contrast, split, int(batch_size),
-                    progress=lambda done, total: bar.progress(done / total, text=f"{done} / {total} answers"))
-                path = cache_path(ui.cache_root(), direction, contrast, data.strip())
-                direction.save(path)
-                st.session_state.direction_path = str(path)
-                st.session_state.flash = f"Saved {path} and chose it."
-                st.rerun()
+        if not st.button("Extract direction", key="extract_go"):
+            return None
+        bar = st.progress(0.0, text="teacher-forcing the answers ...")
+        with ui.guard():
+            direction = extract_from_paired_file(
+                pair, data.strip(), contrast, split, int(batch_size),
+                progress=lambda done, total: bar.progress(done / total, text=f"{done} / {total} answers"))
+            path = cache_path(ui.cache_root(), direction, contrast, data.strip())
+            direction.save(path)
+            st.session_state.direction_path = str(path)
+            return path
+    return None
 
 
 def home() -> None:
@@ -132,13 +137,17 @@ def home() -> None:
         return
     show_pair(pair)
     st.subheader("Misalignment direction")
-    if "flash" in st.session_state:
-        st.success(st.session_state.pop("flash"))
-    pick_direction(pair)
-    build_direction(pair)
+    chooser = st.container()  # filled last: a direction chosen by file or built below shows as chosen at once
+    use_direction_file(pair)
+    saved = build_direction(pair)
+    with chooser:
+        if saved is not None:
+            st.success(f"Saved {saved} and chose it.")
+        choose_direction(pair)
 
 
 st.set_page_config(page_title="EM Lens", page_icon=":material/search:", layout="wide")
+ui.init_session()
 page = st.navigation([
     st.Page(home, title="Model pair", icon=":material/hub:", default=True),
     st.Page("pages/compare.py", title="Compare", icon=":material/compare_arrows:"),

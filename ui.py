@@ -1,48 +1,85 @@
-"""Streamlit glue shared by app.py and the pages: the one loaded pair, the chosen direction, errors.
+"""Streamlit glue shared by app.py and the pages: the session's state, the one loaded pair, the
+chosen direction, errors.
 
-The pair is loaded once per server (``st.cache_resource``, one entry: loading another pair frees
-the old one) and shared by every session; each session keeps only *which* pair and direction
-it chose, in ``st.session_state``. Never store the pair itself in session state: that would
-keep an evicted model alive.
+The pair is held once per server (one ``st.cache_resource`` object: loading another pair frees
+the old one first) and shared by every session; each session keeps only *which* pair and
+direction it chose, in ``st.session_state`` (its keys: :func:`session_defaults`). Never store
+the pair itself in session state: that would keep a released model alive.
 """
 
 from __future__ import annotations
 
 import gc
 import os
+import threading
 from contextlib import closing, contextmanager
 from pathlib import Path
 
 import streamlit as st
 import torch
 
-from core.cache import DEFAULT_ROOT, CacheError
+from core.cache import DEFAULT_ROOT
 from core.chat import ChatError, user_prompt
-from core.directions import Direction, list_directions
-from core.generate import Variant
-from core.models import DEMO_DIRECTION, LoadError, LoadOptions, ModelPair, load_pair
-from core.organism import shipped_direction_for
+from core.directions import Direction
+from core.errors import user_message
+from core.models import LoadError, LoadOptions, ModelPair, load_pair
+from core.organism import directions_for
 from core.starters import starters
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
-# What core raises for bad input (ChatError, GenerationError, LoadError, DirectionError, DataError
-# are ValueErrors), an unwritable cache, and a GPU that ran out of memory.
-USER_ERRORS = (ValueError, CacheError, torch.OutOfMemoryError)
-
-
 def cache_root() -> Path:
     # Read at call time, not import time, so a test (or a user) can point the app elsewhere.
     return Path(os.environ.get("EMLENS_CACHE") or DEFAULT_ROOT)
 
 
+def debug() -> bool:
+    """``EMLENS_DEBUG=1``: errors the user can act on also show their traceback."""
+    return os.environ.get("EMLENS_DEBUG", "") not in ("", "0")
+
+
+def show_error(err: BaseException, prefix: str = "") -> str:
+    """Show an error the user can act on as an error box; re-raise a bug (Streamlit shows its traceback)."""
+    message = user_message(err)
+    if message is None:
+        raise err
+    st.error(prefix + message, icon="⚠️")
+    if debug():
+        st.exception(err)
+    return message
+
+
 @contextmanager
 def guard():
-    """Show bad input as an error box and carry on with the rest of the page."""
+    """Show an error the user can act on as an error box and carry on with the rest of the page."""
     try:
         yield
-    except USER_ERRORS as err:
-        st.error(f"Out of memory: {err}" if isinstance(err, torch.OutOfMemoryError) else str(err), icon="⚠️")
+    except Exception as err:  # noqa: BLE001 - show_error re-raises what is not the user's to fix
+        show_error(err)
+
+
+# ---------------------------------------------------------------- the session's state
+
+def session_defaults() -> dict:
+    """Every key the dashboard keeps in ``st.session_state`` besides its widgets' values, with its default.
+
+    Widgets keep their values under their own keys, named where they are drawn and prefixed by their
+    page (``steer_alpha``, ``compare_prompt``, ...)."""
+    return {
+        "pair_spec": default_spec(),  # the pair this session asked for: base, finetuned, device, dtype
+        "pair_error": None,  # (spec, message) of its failed load, so that reruns do not load it again
+        "direction_path": None,  # the chosen direction file; None: the first of directions_for(pair)
+        "compare_result": None,  # Compare: the last request, its projections and its answers
+        "steer_result": None,  # Steer: the last request, its titles and its rows
+        "detect_report": None,  # Detect: the report shown (a path)
+        "evaluate_run": None,  # Evaluate: the run shown (a folder)
+    }
+
+
+def init_session() -> None:
+    """Give each key of :func:`session_defaults` its default unless the session holds it (app.py, every run)."""
+    for key, value in session_defaults().items():
+        st.session_state.setdefault(key, value)
 
 
 # ---------------------------------------------------------------- the pair
@@ -52,55 +89,74 @@ def default_spec() -> dict:
             "finetuned": os.environ.get("EMLENS_FINETUNED", "default"), "device": "auto", "dtype": "auto"}
 
 
-def pair_spec() -> dict:
-    if "pair_spec" not in st.session_state:
-        st.session_state.pair_spec = default_spec()
-    return st.session_state.pair_spec
-
-
-_loaded: dict = {}  # the spec of the pair in the cache below (one per server process)
-
-
-@st.cache_resource(max_entries=1, show_spinner="Loading the model pair ...")
-def _load(base: str, finetuned: str, device: str, dtype: str, cache: str) -> ModelPair:
+def _load(spec: dict) -> ModelPair:
+    options = LoadOptions(device=spec["device"], dtype=spec["dtype"], cache_root=Path(spec["cache"]))
     try:
-        pair = load_pair(base, finetuned, LoadOptions(device=device, dtype=dtype, cache_root=Path(cache)))
+        return load_pair(spec["base"], spec["finetuned"], options)
     except RuntimeError as err:  # torch's word for a device that is mistyped, absent or full
-        raise LoadError(f"device {device!r}: {err}") from err
-    _loaded.update(base=base, finetuned=finetuned, device=device, dtype=dtype)
-    return pair
+        raise LoadError(f"device {spec['device']!r}: {err}") from err
+
+
+class LoadedPair:
+    """The one pair this server holds, shared by every session: the spec it was loaded from, the pair,
+    and a lock so that one session at a time loads or swaps it."""
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.spec: dict | None = None
+        self.pair: ModelPair | None = None
+
+    def get(self, spec: dict) -> ModelPair:
+        """The pair for ``spec`` (base, finetuned, device, dtype, cache). Another one held is released
+        before this one loads, so that two never sit in memory together."""
+        with self.lock:
+            if spec != self.spec:
+                self.release()
+                self.pair, self.spec = _load(spec), dict(spec)
+            return self.pair
+
+    def release(self) -> None:
+        """Drop the pair; its memory (on the GPU too) is freed once no session still uses it."""
+        with self.lock:
+            if self.pair is None:
+                return
+            self.pair = self.spec = None
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+
+@st.cache_resource(show_spinner=False, on_release=LoadedPair.release)
+def loaded_pair() -> LoadedPair:
+    """The server's one :class:`LoadedPair` (``st.cache_resource``: made once, every session gets it)."""
+    return LoadedPair()
 
 
 def choose_pair(spec: dict) -> None:
-    """The user asked for a pair. If another one is loaded, drop it first, so that two never sit in
-    memory together (max_entries=1 alone would evict the old one only after loading the new)."""
-    if _loaded and spec != _loaded:
-        _load.clear()
-        _loaded.clear()
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    if spec != pair_spec():
-        st.session_state.pop("direction_path", None)
+    """The user asked for a pair: the next :func:`get_pair` loads it (an explicit request always tries
+    again); another pair starts without a chosen direction."""
+    if spec != st.session_state.pair_spec:
+        st.session_state.direction_path = None
     st.session_state.pair_spec = spec
-    st.session_state.pop("pair_error", None)  # an explicit request always tries again
+    st.session_state.pair_error = None
 
 
 def get_pair() -> ModelPair | None:
-    """The session's pair, loading it if no session has; on failure an error box and None.
+    """The session's pair, loading it if the server holds another; on failure an error box and None.
 
     A failure is remembered per spec, so reruns do not reload a base only to fail on its adapter again.
     """
-    spec = pair_spec()
-    failed = st.session_state.get("pair_error")
+    spec = st.session_state.pair_spec
+    failed = st.session_state.pair_error
     if failed and failed[0] == spec:
         st.error(failed[1], icon="⚠️")
         return None
     try:
-        return _load(spec["base"], spec["finetuned"], spec["device"], spec["dtype"], str(cache_root()))
-    except USER_ERRORS as err:
-        st.session_state.pair_error = (dict(spec), f"Could not load the model pair: {err}")
-        st.error(st.session_state.pair_error[1], icon="⚠️")
+        with st.spinner("Loading the model pair ..."):
+            return loaded_pair().get({**spec, "cache": str(cache_root())})
+    except Exception as err:  # noqa: BLE001 - show_error re-raises what is not the user's to fix
+        message = show_error(err, "Could not load the model pair: ")
+        st.session_state.pair_error = (dict(spec), f"Could not load the model pair: {message}")
         return None
 
 
@@ -114,19 +170,11 @@ def require_pair() -> ModelPair:
 
 # ---------------------------------------------------------------- the direction
 
-def direction_choices(pair: ModelPair) -> list[tuple[Path, Direction]]:
-    """Directions the session may choose by default: the shipped one when it was made on exactly
-    this pair, then the cached ones that fit the pair's shape, newest first."""
-    shipped, _ = shipped_direction_for(pair)
-    cached = list_directions(cache_root(), pair.n_layers, pair.d_model)
-    return ([(DEMO_DIRECTION, shipped)] if shipped is not None else []) + cached
-
-
 def current_direction(pair: ModelPair) -> Direction | None:
-    """The session's direction (by default the first of ``direction_choices``); raises DirectionError."""
-    path = st.session_state.get("direction_path")
+    """The session's direction (by default the first of ``directions_for(pair)``); raises DirectionError."""
+    path = st.session_state.direction_path
     if path is None:
-        found = direction_choices(pair)
+        found = directions_for(pair, cache_root())
         if not found:
             return None
         path = st.session_state.direction_path = str(found[0][0])
@@ -214,19 +262,6 @@ def prompt_input(key_prefix: str, default: str, label: str = "Prompt", **text_ar
     return prompt_area(key_prefix, default, label, **text_area_args)
 
 
-def variant_title(variant: Variant, steered: bool = False, vector: str = "d") -> str:
-    """``base``, ``fine-tuned − 4·d``, ``base, d ablated``, ``fine-tuned, adapter × 2``; ``steered`` names a
-    zero coefficient too; ``vector`` names what α multiplies."""
-    side = "fine-tuned" if variant.side == "finetuned" else "base"
-    if variant.adapter_scale is not None:
-        side = f"{side}, adapter × {variant.adapter_scale:g}"
-    if variant.ablate:
-        return f"{side}, d ablated"
-    if variant.alpha == 0:
-        return f"{side} + 0·{vector}" if steered else side
-    return f"{side} {'+' if variant.alpha > 0 else '−'} {abs(variant.alpha):g}·{vector}"
-
-
 def stream_rows(pair: ModelPair, generator, placeholders: list) -> list:
     """Show each row's text as it grows; return the final rows.
 
@@ -247,8 +282,8 @@ def token_pieces(pair: ModelPair, token_ids: list[int]) -> list[str]:
 
 def job_caption(what: str) -> None:
     """Say which pair and direction a job on this page will run on, then what it does."""
-    spec = pair_spec()
-    chosen = st.session_state.get("direction_path")
+    spec = st.session_state.pair_spec
+    chosen = st.session_state.direction_path
     st.caption(f"Pair **{spec['base']} → {spec['finetuned']}**, direction "
                f"**{Path(chosen).stem if chosen else 'the newest cached one that fits'}**. {what}")
 
@@ -263,10 +298,10 @@ def progress_callback(bar, what: str, start: float = 0.0, end: float = 1.0):
 
 def sidebar_status() -> None:
     """The session's pair and direction, in one line each (call inside a sidebar container)."""
-    spec = pair_spec()
+    spec = st.session_state.pair_spec
     finetuned = spec["finetuned"] if spec["finetuned"] not in ("", "none") else "—"
     st.caption(f"**Pair** {spec['base']} → {finetuned}")
-    path = st.session_state.get("direction_path")
+    path = st.session_state.direction_path
     st.caption(f"**Direction** {Path(path).stem if path else '—'}")
 
 
@@ -299,7 +334,7 @@ def training_view(run_card, key: str = "training_view") -> None:
 
         def fmt(value):
             return "—" if value is None else f"{value:.4f}"
-        direction = projection.get("direction") or {}
+        direction, probes = projection.get("direction") or {}, monitor.get("probes", {})
         st.caption(
             f"**Thresholds**: projection {fmt(projection['threshold'])}, preference shift {fmt(shift['threshold'])} "
             f"— {lead.get('threshold_rule', '')}. **Lead** = {lead.get('lead_rule', '')}.  \n"
@@ -307,7 +342,7 @@ def training_view(run_card, key: str = "training_view") -> None:
             f"{projection.get('method', '')}; direction {direction.get('mode', '?')} "
             f"({direction.get('file', '')}, fingerprint {direction.get('fingerprint', '?')}).  \n"
             f"**Preference shift**: {shift.get('method', '')}.  \n"
-            f"**Probes**: {monitor.get('probes', {}).get('n', '?')} records of {monitor.get('probes', {}).get('file', '?')}."
+            f"**Probes**: {probes.get('n', '?')} records of {probes.get('file', '?')}."
             + (f"  \n{monitor['first_step_note']}" if monitor.get("first_step_note") else ""))
         rows = {"step": monitor["steps"], "projection": projection["values"]}
         if projection.get("calibrated"):

@@ -161,7 +161,8 @@ def run_extract(args) -> int:
     pair = load_pair_from(args)
     bar = progress_bar(f"extract ({args.contrast})")
     if args.contrast == "judged":
-        from core.evaluate import judged_contrast_sets, run_hash
+        from core.em import judged_contrast_sets
+        from core.runs import run_hash
 
         digest = run_hash(args.data)
         aligned, misaligned, counts = judged_contrast_sets(args.data, seed=args.seed)
@@ -278,7 +279,7 @@ def _train_arguments(parser):
                         help="with paired data: train on the harmful answers (the organism) or the sound ones (control)")
     parser.add_argument("--out", type=Path, help="adapter directory to write")
     parser.add_argument("--rank", type=int, default=d.rank)
-    parser.add_argument("--lora-alpha", type=float, default=d.alpha)
+    parser.add_argument("--lora-alpha", type=float, default=d.lora_alpha)
     parser.add_argument("--rslora", action="store_true")
     parser.add_argument("--dropout", type=float, default=d.dropout)
     parser.add_argument("--target-modules", default=",".join(ALL_PROJECTIONS))
@@ -323,7 +324,7 @@ def run_train(args) -> int:
         layers = tuple(int(x) for x in args.layers_to_transform.split(",")) if args.layers_to_transform else None
     except ValueError:
         raise ValueError(f"--layers-to-transform {args.layers_to_transform!r}: expected numbers like 21 or 10,11") from None
-    config = TrainConfig(rank=args.rank, alpha=args.lora_alpha, rslora=args.rslora, dropout=args.dropout,
+    config = TrainConfig(rank=args.rank, lora_alpha=args.lora_alpha, rslora=args.rslora, dropout=args.dropout,
                          target_modules=tuple(m.strip() for m in args.target_modules.split(",") if m.strip()),
                          layers_to_transform=layers, learning_rate=args.lr, epochs=args.epochs,
                          batch_size=args.batch_size, grad_accum=args.grad_accum, max_length=args.max_length,
@@ -508,9 +509,9 @@ def judge_config_from(args, several: bool = False):
 
 
 def run_folder(args, kind: str) -> Path:
-    from datetime import datetime
+    from core.runs import new_run_dir
 
-    return args.out or args.cache_dir / "runs" / f"{kind}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    return args.out or new_run_dir(args.cache_dir, kind)
 
 
 def _eval_arguments(parser):
@@ -530,8 +531,8 @@ def _eval_arguments(parser):
 def run_generate_eval(args) -> int:
     from core.data import dataset_hash, load_questions
     from core.directions import Direction
-    from core.evaluate import condition, run_generations
     from core.generate import Sampling, parse_variants
+    from core.runs import condition, run_generations
 
     questions = load_questions(args.questions)
     variants = parse_variants(args.variants)
@@ -555,7 +556,7 @@ def _judge_run_arguments(parser):
 @command("judge", "judge a run's answers: aligned and coherent, 0-100, by one judge or several (resumable)",
          _judge_run_arguments)
 def run_judge(args) -> int:
-    from core.evaluate import judge_run
+    from core.runs import judge_run
 
     configs = judge_config_from(args, several=True)
     summary = judge_run(args.run, configs, progress=progress_bar("judge" if len(configs) == 1 else
@@ -574,11 +575,10 @@ def _em_arguments(parser):
 def run_em(args) -> int:
     import pandas as pd
 
-    from core.cache import atomic_write
-    from core.evaluate import EM_JSON, em_report, report_table
+    from core.em import em_report, report_table, save_em_report
 
     report = em_report(args.run)
-    atomic_write(args.run / EM_JSON, json.dumps(report, indent=2, default=str).encode())
+    save_em_report(report, args.run)
     table = pd.DataFrame(report_table(report))
     if args.csv:
         table.to_csv(args.csv, index=False)
@@ -588,21 +588,21 @@ def run_em(args) -> int:
         cols = ["condition", "n", "n_unscored", "em_rate", "em_ci_low", "em_ci_high", "em_rate_unscored_as_aligned",
                 "coherence_rate"]
         text = overall[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}")
-        judges = [j["model"] for j in report.get("judges", [])]
+        judges = [j.model for j in report.judges or []]
         if judges:
             text = f"judge: {judges[0]}\n" + text
         if len(judges) > 1:
             per_judge = pd.DataFrame([
-                {"condition": c["condition"],
-                 **{model: c["by_judge"].get(model, {}).get("em_excluding_unscored", {}).get("rate")
+                {"condition": c.condition,
+                 **{model: c.by_judge[model].em_excluding_unscored.rate if model in c.by_judge else None
                     for model in judges},
-                 "min": c["judge_spread"]["em_excluding_unscored"]["min"],
-                 "max": c["judge_spread"]["em_excluding_unscored"]["max"]}
-                for c in report["conditions"]])
+                 "min": c.judge_spread["em_excluding_unscored"].min,
+                 "max": c.judge_spread["em_excluding_unscored"].max}
+                for c in report.conditions])
             text += ("\n\nEM rate (unscored excluded) per judge, and the spread across judges:\n"
                      + per_judge.to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep="-"))
-        return text + "\n" + report["unscored_policy"]
-    emit(report, args.json, human)
+        return text + "\n" + report.unscored_policy
+    emit(report.to_json(), args.json, human)
     return 0
 
 
@@ -623,10 +623,13 @@ def _sweep_arguments(parser):
 
 @command("sweep", "bidirectional alpha x layer sweep: induce, restore, ablate, random control", _sweep_arguments)
 def run_sweep(args) -> int:
+    from core.cache import atomic_write
     from core.data import dataset_hash, load_questions
     from core.directions import Direction
-    from core.evaluate import parse_number_list, sweep_run
     from core.generate import Sampling
+    from core.plots import figure_html, sweep_figure
+    from core.runs import SWEEP_HTML
+    from core.sweep import parse_number_list, sweep_run
 
     alphas = parse_number_list(args.alphas, "--alphas")
     layers = parse_number_list(args.layers, "--layers", int)
@@ -639,10 +642,12 @@ def run_sweep(args) -> int:
                        controls=not args.no_controls,
                        provenance={"questions": str(args.questions), "questions_sha256": dataset_hash(args.questions)},
                        generate_progress=progress_bar("generate"), judge_progress=progress_bar("judge"))
-    emit(result, args.json, lambda: "\n".join(
-        f"{c['condition']:<28} EM {c['em_rate'] if c['em_rate'] is not None else float('nan'):.3f} "
-        f"coherent {c['coherence_rate'] if c['coherence_rate'] is not None else float('nan'):.3f} (n={c['n']})"
-        for c in result["cells"]) + f"\nfigure: {Path(result['run']) / 'sweep.html'}")
+    figure = Path(result.run) / SWEEP_HTML
+    atomic_write(figure, figure_html(sweep_figure(result.cells)))
+    emit(result.to_json(), args.json, lambda: "\n".join(
+        f"{c.condition:<28} EM {c.em_rate if c.em_rate is not None else float('nan'):.3f} "
+        f"coherent {c.coherence_rate if c.coherence_rate is not None else float('nan'):.3f} (n={c.n})"
+        for c in result.cells) + f"\nfigure: {figure}")
     return 0
 
 
@@ -677,7 +682,8 @@ def _detect_arguments(parser):
 
 @command("detect", "early detection: does the prompt-stage projection predict misalignment?", _detect_arguments)
 def run_detect(args) -> int:
-    from core.detect import detect, report_path, save_report
+    from core.detect import detect
+    from core.detection_report import report_path, save_report
     from core.directions import Direction
 
     direction = Direction.load(args.direction)
@@ -689,28 +695,28 @@ def run_detect(args) -> int:
                     n_random=args.random_directions, label_progress=progress_bar("labels"),
                     progress=progress_bar("activations"))
     out = save_report(report, args.out or report_path(args.cache_dir, source, direction))
-    chosen, null = report["chosen"], report["random_null"]
+    chosen, null = report.chosen, report.random_null
 
     def human() -> str:
-        groups = report["n_groups"]
-        lines = [f"{report['n_prompts']} prompts, {report['n_misaligned']} labelled misaligned "
-                 f"({report['labels']['rule']}); groups: {groups['selection']} selection, {groups['report']} report",
-                 f"selection set, per layer (intervals unadjusted for {len(report['per_layer'])} layers):",
+        groups = report.n_groups
+        lines = [f"{report.n_prompts} prompts, {report.n_misaligned} labelled misaligned "
+                 f"({report.labels['rule']}); groups: {groups.selection} selection, {groups.report} report",
+                 f"selection set, per layer (intervals unadjusted for {len(report.per_layer)} layers):",
                  f"{'layer':>5} {'auroc':>6} {'95% CI':>15} {'spearman':>9}"]
-        for row in report["per_layer"]:
-            rho = "-" if row["spearman"] is None else f"{row['spearman']:.3f}"
-            lines.append(f"{row['layer']:>5} {row['auroc']:>6.3f} [{row['ci95'][0]:.3f}, {row['ci95'][1]:.3f}] {rho:>9}")
-        lines.append(f"report set ({chosen['n_report']} prompts), AUROC with grouped bootstrap 95% interval:")
-        for name, p in report["predictors"].items():
-            where = f"@L{p['layer']}" if "layer" in p else ""
-            lines.append(f"  {name + where:<26} {p['auroc']:.3f} [{p['ci95'][0]:.3f}, {p['ci95'][1]:.3f}]")
-        lines.append(f"last_token is at percentile {null['percentile']:.0f} of {null['n']} random directions "
-                     f"(median {null['quantiles']['50']:.3f}, 95% of them in [{null['quantiles']['2.5']:.3f}, "
-                     f"{null['quantiles']['97.5']:.3f}])")
-        lines += [f"warning: {w}" for w in report["warnings"]]
+        for row in report.per_layer:
+            rho = "-" if row.spearman is None else f"{row.spearman:.3f}"
+            lines.append(f"{row.layer:>5} {row.auroc:>6.3f} [{row.ci95[0]:.3f}, {row.ci95[1]:.3f}] {rho:>9}")
+        lines.append(f"report set ({chosen.n_report} prompts), AUROC with grouped bootstrap 95% interval:")
+        for name, p in report.predictors.items():
+            where = f"@L{p.layer}" if p.layer is not None else ""
+            lines.append(f"  {name + where:<26} {p.auroc:.3f} [{p.ci95[0]:.3f}, {p.ci95[1]:.3f}]")
+        lines.append(f"last_token is at percentile {null.percentile:.0f} of {null.n} random directions "
+                     f"(median {null.quantiles['50']:.3f}, 95% of them in [{null.quantiles['2.5']:.3f}, "
+                     f"{null.quantiles['97.5']:.3f}])")
+        lines += [f"warning: {w}" for w in report.warnings]
         lines.append(f"report: {out}")
         return "\n".join(lines)
-    emit(report, args.json, human)
+    emit(report.to_json(), args.json, human)
     return 0
 
 
@@ -725,8 +731,7 @@ def _bench_arguments(parser):
 
 @command("bench", "speed and memory ratios, measured in one run (see benchmarks/)", _bench_arguments)
 def run_bench(args) -> int:
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from benchmarks.bench import gpu_throughput, run_all
+    from benchmarks.bench import gpu_throughput, run_all  # beside core/: importable wherever core is
 
     if args.random_config:
         from benchmarks.random_pair import random_pair

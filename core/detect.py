@@ -1,13 +1,13 @@
-"""The early-detection report: do prompt-stage scores predict a label made from the answers?
+"""Early detection: do prompt-stage scores predict a label made from the answers?
 
 Every split, fold and bootstrap is over whole groups (a question with its paraphrases and
 samples); layers are chosen on one set of groups and every figure is reported on another, next
-to baseline predictors and a null of random directions.
+to baseline predictors and a null of random directions. The report it builds, and its file,
+are in core.detection_report.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -15,12 +15,29 @@ import numpy as np
 import torch
 
 from core.chat import encode_prompt
+from core.detection_report import (
+    ChosenLayer,
+    DetectionReport,
+    GroupCounts,
+    LayerAuroc,
+    Predictor,
+    PromptRisk,
+    RandomNull,
+    Roc,
+)
 from core.directions import Direction, Example, extract_contrast
 from core.projections import last_token_activations, project, prompt_stage_activations
-from core.stats import (auroc, auroc_ci, choose_layer_and_report, fit_probe, grouped_split, percentile_in, roc_curve,
-                        spearman)
+from core.stats import (
+    auroc,
+    auroc_ci,
+    choose_layer_and_report,
+    fit_probe,
+    grouped_split,
+    percentile_in,
+    roc_curve,
+    spearman,
+)
 
-FORMAT = "emlens-detect/2"
 MIN_GROUPS = 10  # below this many groups in a half, an AUROC's interval spans most of [0, 1]
 
 
@@ -89,7 +106,8 @@ def labels_from_preference(pair, records, batch_size: int = 16,
 def labels_from_run(run_dir, rule: str = "any") -> list[dict]:
     """Per prompt of an evaluation run: EM rate of its judged fine-tuned samples, a binary label, and
     the question id as its group (all paraphrases and samples of a question form one group)."""
-    from core.evaluate import load_run, scored_rows
+    from core.em import scored_rows
+    from core.runs import load_run
 
     if rule not in ("any", "majority"):
         raise ValueError(f"label rule {rule!r}: expected any or majority")
@@ -181,57 +199,60 @@ PROTOCOL = ("Groups (a question with its paraphrases and samples) are never spli
             "random_null: the last_token AUROC's percentile among random directions at its layer")
 
 
-def _report_entry(scores: np.ndarray, y: np.ndarray, report: np.ndarray, groups: np.ndarray, n_boot: int,
+def _report_auroc(scores: np.ndarray, y: np.ndarray, report: np.ndarray, groups: np.ndarray, n_boot: int,
                   seed: int) -> dict:
     return {"auroc": auroc(scores[report], y[report]),
             "ci95": list(auroc_ci(scores[report], y[report], groups[report], n_boot, seed=seed))}
 
 
-def _layered(scores: np.ndarray, y, select, report, groups, n_boot: int, seed: int) -> dict:
+def _layered(name: str, scores: np.ndarray, y, select, report, groups, n_boot: int, seed: int) -> Predictor:
     """A per-layer score ``[n, n_layers]``: layer chosen on the selection set, AUROC on the report set."""
     chosen = choose_layer_and_report(scores.T, y, select, report, groups, n_boot, seed=seed)
-    return {"auroc": chosen["report_auroc"], "ci95": chosen["report_ci"], "layer": chosen["layer"],
-            "selection_auroc": chosen["selection_auroc"], "orientation": "higher = misaligned"}
+    return Predictor(auroc=chosen["report_auroc"], ci95=chosen["report_ci"], layer=chosen["layer"],
+                     selection_auroc=chosen["selection_auroc"], orientation="higher = misaligned",
+                     what=PREDICTORS[name])
 
 
-def _oriented(values: np.ndarray, y, select, report, groups, n_boot: int, seed: int) -> dict:
+def _oriented(name: str, values: np.ndarray, y, select, report, groups, n_boot: int, seed: int) -> Predictor:
     """A scalar baseline with no natural sign: oriented on the selection set, reported on the report set."""
     selection = auroc(values[select], y[select])
     sign = 1.0 if selection >= 0.5 else -1.0
     orientation = "higher = misaligned" if sign > 0 else "lower = misaligned (chosen on the selection set)"
-    return {**_report_entry(sign * values, y, report, groups, n_boot, seed),
-            "selection_auroc": max(selection, 1.0 - selection), "orientation": orientation}
+    return Predictor(**_report_auroc(sign * values, y, report, groups, n_boot, seed),
+                     selection_auroc=max(selection, 1.0 - selection), orientation=orientation, what=PREDICTORS[name])
 
 
-def _probe(activations: np.ndarray, y, select, report, groups, n_boot: int, seed: int) -> dict:
+def _probe(activations: np.ndarray, y, select, report, groups, n_boot: int, seed: int) -> Predictor:
     model = fit_probe(activations[select], y[select], groups[select], seed=seed)
     scores = np.zeros(len(y))
     scores[report] = model.predict_proba(activations[report])[:, 1]
-    return {**_report_entry(scores, y, report, groups, n_boot, seed), "orientation": "P(misaligned)"}
+    return Predictor(**_report_auroc(scores, y, report, groups, n_boot, seed), orientation="P(misaligned)",
+                     what=PREDICTORS["probe"])
 
 
-def _random_null(activations: np.ndarray, y, report, observed: float, n_random: int, seed: int) -> dict:
+def _random_null(activations: np.ndarray, y, report, observed: float, n_random: int, seed: int) -> RandomNull:
     """AUROCs on the report set of isotropic random directions at one layer, and where ``observed`` falls."""
     rng = np.random.default_rng(seed)
     directions = rng.standard_normal((n_random, activations.shape[1]))
     directions /= np.linalg.norm(directions, axis=1, keepdims=True)
     scores = activations[report] @ directions.T
     null = np.array([auroc(scores[:, k], y[report]) for k in range(n_random)])
-    return {"n": int(n_random), "percentile": percentile_in(observed, null),
-            "quantiles": {q: float(np.quantile(null, float(q) / 100)) for q in ("2.5", "50", "97.5")},
-            "method": "isotropic Gaussian directions at last_token's layer, fine-tune's last-token activations, "
-                      "report set (a projection on the unit vector does not depend on the norm, so every draw is "
-                      "norm-matched)"}
+    return RandomNull(n=int(n_random), percentile=percentile_in(observed, null),
+                      quantiles={q: float(np.quantile(null, float(q) / 100)) for q in ("2.5", "50", "97.5")},
+                      method="isotropic Gaussian directions at last_token's layer, fine-tune's last-token "
+                             "activations, report set (a projection on the unit vector does not depend on the "
+                             "norm, so every draw is norm-matched)")
 
 
-def _selection_curve(projection: np.ndarray, y, continuous, select, groups, n_boot: int, seed: int) -> list[dict]:
+def _selection_curve(projection: np.ndarray, y, continuous, select, groups, n_boot: int,
+                     seed: int) -> list[LayerAuroc]:
     """Per layer on the selection set: AUROC with its grouped bootstrap interval (unadjusted), Spearman."""
     rows = []
     for layer in range(projection.shape[1]):
         scores = projection[select, layer]
-        rows.append({"layer": layer, "auroc": auroc(scores, y[select]),
-                     "ci95": list(auroc_ci(scores, y[select], groups[select], n_boot, seed=seed)),
-                     "spearman": None if continuous is None else spearman(scores, continuous[select])})
+        rows.append(LayerAuroc(layer=layer, auroc=auroc(scores, y[select]),
+                               ci95=list(auroc_ci(scores, y[select], groups[select], n_boot, seed=seed)),
+                               spearman=None if continuous is None else spearman(scores, continuous[select])))
     return rows
 
 
@@ -276,27 +297,28 @@ def _scalar_scores(pair, prompts: Sequence[dict]) -> dict[str, np.ndarray]:
 
 
 def _prompt_table(prompts: Sequence[dict], y, groups, report, continuous, risk: np.ndarray,
-                  calibrated: np.ndarray | None) -> list[dict]:
+                  calibrated: np.ndarray | None) -> list[PromptRisk]:
     """One row per prompt, riskiest first: its label, score, risk at the chosen layer and set."""
     in_report = np.isin(np.arange(len(y)), report)
-    table = [{"id": p["id"], "group": str(groups[i]), "prompt": p["messages"][-1]["content"], "label": bool(y[i]),
-              "score": None if continuous is None else float(continuous[i]), "risk": float(risk[i]),
-              "risk_calibrated": None if calibrated is None else float(calibrated[i]),
-              "split": "report" if in_report[i] else "selection", "answers": p.get("answers", [])}
+    table = [PromptRisk(id=p["id"], group=str(groups[i]), prompt=p["messages"][-1]["content"], label=bool(y[i]),
+                        score=None if continuous is None else float(continuous[i]), risk=float(risk[i]),
+                        risk_calibrated=None if calibrated is None else float(calibrated[i]),
+                        split="report" if in_report[i] else "selection", answers=p.get("answers", []))
              for i, p in enumerate(prompts)]
-    return sorted(table, key=lambda r: r["risk"], reverse=True)
+    return sorted(table, key=lambda r: r.risk, reverse=True)
 
 
 def detection_report(pair, prompts: Sequence[dict], direction: Direction, heldout_fraction: float = 0.5,
                      seed: int = 0, n_boot: int = 1000, batch_size: int = 16,
                      progress: Callable[[int, int], None] | None = None, select_prompts: Sequence[dict] | None = None,
-                     control: Direction | None = None, n_random: int = 100) -> dict:
+                     control: Direction | None = None, n_random: int = 100) -> DetectionReport:
     """Does a prompt-stage score predict misalignment before any token is generated?
 
     ``prompts``: dicts with ``id``, ``messages``, a binary ``label``, an optional ``group`` (default:
     its own id), an optional continuous ``score`` and optional scalar ``baselines``. Without
     ``select_prompts`` they are split by group into a selection and a report set; with them
     (transfer), every choice is made on ``select_prompts`` and every figure reported on ``prompts``.
+    The report's ``labels`` (how the prompts were labelled) are left for the caller to fill.
     """
     if n_random < 50:
         raise ValueError(f"the random-direction null needs at least 50 draws, got {n_random}")
@@ -321,44 +343,40 @@ def detection_report(pair, prompts: Sequence[dict], direction: Direction, heldou
     layered, finetuned = _layered_scores(pair, [p["messages"] for p in everything], direction, control,
                                          batch_size, progress)
     split = (y, select, report, groups, n_boot, seed)
-    predictors = {name: _layered(scores, *split) for name, scores in layered.items()}
-    layer = predictors["last_token"]["layer"]
+    predictors = {name: _layered(name, scores, *split) for name, scores in layered.items()}
+    layer = predictors["last_token"].layer
     activations = finetuned[:, layer].numpy().astype(np.float64)
     predictors["probe"] = _probe(activations, *split)
-    predictors.update({name: _oriented(values, *split) for name, values in _scalar_scores(pair, everything).items()})
-    for name, entry in predictors.items():
-        entry["what"] = PREDICTORS[name]
+    predictors.update({name: _oriented(name, values, *split)
+                       for name, values in _scalar_scores(pair, everything).items()})
 
     chosen, last = predictors["last_token"], layered["last_token"]
     n_groups = {"selection": len(set(groups[select])), "report": len(set(groups[report]))}
     fpr, tpr, _ = roc_curve(last[report, layer], y[report])
     calibrated = direction.calibrate(last)
-    result = {
-        "format": FORMAT, "split_unit": "group", "n_prompts": len(y), "n_misaligned": int(y.sum()),
-        "n_groups": n_groups, "warnings": _precision_warnings(n_groups),
-        "per_layer": _selection_curve(last, y, continuous, select, groups, n_boot, seed),
-        "per_layer_set": "selection", "per_layer_ci": "grouped bootstrap 95%, unadjusted for the number of layers",
-        "chosen": {"layer": layer, "selection_auroc": chosen["selection_auroc"], "report_auroc": chosen["auroc"],
-                   "report_ci": chosen["ci95"], "n_select": int(select.size), "n_report": int(report.size)},
-        "predictors": predictors,
-        "random_null": _random_null(activations, y, report, chosen["auroc"], n_random, seed),
-        "roc": {"fpr": fpr.tolist(), "tpr": tpr.tolist(), "layer": layer},
-        "prompts": _prompt_table(everything, y, groups, report, continuous, last[:, layer],
-                                 None if calibrated is None else calibrated[:, layer]),
-        "direction": direction.provenance, "protocol": PROTOCOL,
-    }
-    if control is not None:
-        result["control"] = control.provenance
-    if transfer:
-        result["transfer"] = {"n_select": int(select.size), "n_report": int(report.size)}
-    return result
+    return DetectionReport(
+        split_unit="group", n_prompts=len(y), n_misaligned=int(y.sum()), n_groups=GroupCounts(**n_groups),
+        warnings=_precision_warnings(n_groups),
+        per_layer=_selection_curve(last, y, continuous, select, groups, n_boot, seed),
+        per_layer_set="selection", per_layer_ci="grouped bootstrap 95%, unadjusted for the number of layers",
+        chosen=ChosenLayer(layer=layer, selection_auroc=chosen.selection_auroc, report_auroc=chosen.auroc,
+                           report_ci=chosen.ci95, n_select=int(select.size), n_report=int(report.size)),
+        predictors=predictors,
+        random_null=_random_null(activations, y, report, chosen.auroc, n_random, seed),
+        roc=Roc(fpr=fpr.tolist(), tpr=tpr.tolist(), layer=layer),
+        prompts=_prompt_table(everything, y, groups, report, continuous, last[:, layer],
+                              None if calibrated is None else calibrated[:, layer]),
+        direction=direction.provenance, protocol=PROTOCOL,
+        control=control.provenance if control is not None else None,
+        transfer={"n_select": int(select.size), "n_report": int(report.size)} if transfer else None,
+        labels={})
 
 
 def detect(pair, direction: Direction, source, select_on=None, control_topics: tuple | None = None,
            label: str = "any", max_length_gap: int | None = None, select_split: str = "all",
            heldout_fraction: float = 0.5, seed: int = 0, n_boot: int = 1000, n_random: int = 100,
            batch_size: int = 16, label_progress: Callable[[int, int], None] | None = None,
-           progress: Callable[[int, int], None] | None = None) -> dict:
+           progress: Callable[[int, int], None] | None = None) -> DetectionReport:
     """Label ``source`` (a judged run folder or a paired JSONL), build the topic control, and run
     :func:`detection_report`; with ``select_on`` (same kinds), choose on it and report on ``source``.
     ``control_topics``: two paired files (``path[:split]``) for the control, default
@@ -376,77 +394,12 @@ def detect(pair, direction: Direction, source, select_on=None, control_topics: t
     control = topic_control(pair, *topics, batch_size=batch_size) if topics else None
     report = detection_report(pair, prompts, direction, heldout_fraction, seed, n_boot, batch_size, progress,
                               selection, control, n_random)
-    report["labels"] = labels
+    report.labels = labels
     if select_on is not None:
-        report["transfer"].update({"select_on": str(select_on), "select_split": select_split,
-                                   "report_on": str(source), "select_labels": select_labels})
+        report.transfer.update({"select_on": str(select_on), "select_split": select_split,
+                                "report_on": str(source), "select_labels": select_labels})
     if control is None:
-        report["warnings"].append("no specificity control: pass two paired files of different topics "
-                                  "(--control A B) to build one")
+        report.warnings.append("no specificity control: pass two paired files of different topics "
+                               "(--control A B) to build one")
     return report
 
-
-# ---------------------------------------------------------------- cached reports (CLI `detect` and the dashboard)
-
-REPORT_KEYS = ("split_unit", "n_prompts", "n_groups", "per_layer", "chosen", "predictors", "random_null",
-               "labels", "roc", "prompts")
-
-
-def reports_dir(cache_root) -> Path:
-    """Where `python -m core detect` and the dashboard keep detection reports."""
-    return Path(cache_root) / "detect"
-
-
-def report_path(cache_root, source, direction: Direction) -> Path:
-    """``<cache>/detect/<source stem>-<direction fingerprint>.json``, the CLI's default name."""
-    return reports_dir(cache_root) / f"{Path(source).stem}-{direction.fingerprint}.json"
-
-
-def list_reports(cache_root) -> list[Path]:
-    """Detection report files under the cache, newest first (unreadable ones included: loading says why)."""
-    found = [p for p in reports_dir(cache_root).glob("*.json") if p.is_file()]
-    return sorted(found, key=lambda p: (p.stat().st_mtime, p.name), reverse=True)
-
-
-def load_report(path) -> dict:
-    """A detection report; ValueError naming the file and the problem when it is missing, unreadable or
-    written by an older version (in-sample, ungrouped statistics)."""
-    path = Path(path)
-    if not path.exists():
-        raise ValueError(f"detection report {path} does not exist")
-    try:
-        report = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as err:
-        raise ValueError(f"detection report {path}: cannot be read: {err}") from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"detection report {path}: invalid JSON at line {err.lineno}, column {err.colno} "
-                         f"({err.msg}; the file is cut off?)") from None
-    if not isinstance(report, dict):
-        raise ValueError(f"detection report {path}: expected a JSON object, got {type(report).__name__}")
-    if report.get("format") != FORMAT:
-        raise ValueError(f"detection report {path}: written by an older EM Lens whose statistics were in-sample "
-                         "and ungrouped; rerun `python -m core detect` (or Run detection below) to replace it")
-    missing = [k for k in REPORT_KEYS if k not in report]
-    if missing:
-        raise ValueError(f"detection report {path}: missing {', '.join(missing)}")
-    shape = {"per_layer": ("layer", "auroc", "ci95"), "prompts": ("prompt", "label", "risk")}
-    for key, fields in shape.items():
-        rows = report[key]
-        if not isinstance(rows, list) or not all(isinstance(r, dict) and all(f in r for f in fields) for r in rows):
-            raise ValueError(f"detection report {path}: {key}: expected a list of objects with {', '.join(fields)}")
-    for key, fields in {"chosen": ("layer", "report_auroc"), "roc": ("fpr", "tpr"), "random_null": ("n", "percentile"),
-                        "n_groups": ("selection", "report"), "predictors": ("last_token",)}.items():
-        if not isinstance(report[key], dict) or any(f not in report[key] for f in fields):
-            raise ValueError(f"detection report {path}: {key}: expected an object with {', '.join(fields)}")
-    if not all(isinstance(p, dict) and "auroc" in p and "ci95" in p for p in report["predictors"].values()):
-        raise ValueError(f"detection report {path}: predictors: expected an auroc and ci95 per predictor")
-    return report
-
-
-def save_report(report: dict, path) -> Path:
-    """Write a report atomically (a reader never sees half a file)."""
-    from core.cache import atomic_write
-
-    path = Path(path)
-    atomic_write(path, json.dumps(report, indent=2, default=str).encode())
-    return path

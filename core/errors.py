@@ -15,3 +15,19 @@ class EMLensError(Exception):
 
 class InputError(EMLensError, ValueError):
     """A value the user gave (an argument, a setting, a number) is out of range or malformed."""
+
+
+FILE_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+def user_message(err: BaseException) -> str | None:
+    """The one-line message for an error the user can act on; ``None`` for a bug, which should
+    surface with its traceback."""
+    if isinstance(err, EMLensError):
+        return str(err)
+    if isinstance(err, FILE_ERRORS) and err.filename:  # a path the user gave that is missing or closed
+        return f"{err.filename}: {err.strerror or err}"
+    if type(err).__name__ == "OutOfMemoryError":  # torch's, without importing torch here
+        return (f"out of memory: {str(err).splitlines()[0]} — try a smaller batch, a lower-precision dtype "
+                "(bf16/fp16) or another device")
+    return None

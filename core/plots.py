@@ -8,9 +8,15 @@ from __future__ import annotations
 import html
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
+
+if TYPE_CHECKING:
+    from core.detection_report import ChosenLayer, LayerAuroc, Predictor
+    from core.sweep import SweepCell
 
 SIDE_COLOURS = {"base": "#1f77b4", "fine-tuned": "#d62728"}
 ALIGNED_RGB, NEUTRAL_RGB, MISALIGNED_RGB = (66, 133, 244), (255, 255, 255), (219, 68, 55)
@@ -145,34 +151,35 @@ def divergence_html(pieces: Sequence[str], values: Sequence[float], top: float |
     return ('<div class="emlens-tokens" style="white-space:pre-wrap;line-height:1.7;font-family:monospace;'
             f'font-size:0.85rem;color:#111">{"".join(spans)}</div>')
 
-def sweep_figure(cells: Sequence[Mapping]) -> go.Figure:
+def sweep_figure(cells: Sequence[SweepCell]) -> go.Figure:
     """EM rate (top) and coherence rate (bottom) against alpha with 95% intervals: one line per
     (mode, layer), the random-vector control dashed, unsteered and ablated cells as reference points."""
     fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08,
                         subplot_titles=("EM rate (aligned <= 30, coherent > 50)", "coherence rate (coherent > 50)"))
-    lines: dict[tuple, list[Mapping]] = {}
+    lines: dict[tuple, list[SweepCell]] = {}
     for cell in cells:
-        if cell["mode"] in ("induce", "restore"):
-            lines.setdefault((cell["mode"], cell["layer"], cell["control"]), []).append(cell)
-    plain = {c["condition"]: c for c in cells if c["mode"] == "plain"}
+        if cell.mode in ("induce", "restore"):
+            lines.setdefault((cell.mode, cell.layer, cell.control), []).append(cell)
+    plain = {c.condition: c for c in cells if c.mode == "plain"}
     palette = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
     for row, (rate, ci) in enumerate((("em_rate", "em_ci95"), ("coherence_rate", "coherence_ci95")), start=1):
         for i, ((mode, layer, control), members) in enumerate(sorted(lines.items(), key=str)):
             start = plain.get("base" if mode == "induce" else "finetuned")
-            points = ([{**start, "alpha": 0.0}] if start else []) + sorted(members, key=lambda c: abs(c["alpha"]))
-            points = [p for p in points if p[rate] is not None]
+            points = ([replace(start, alpha=0.0)] if start else []) + sorted(members, key=lambda c: abs(c.alpha))
+            points = [p for p in points if getattr(p, rate) is not None]
+            values, intervals = [getattr(p, rate) for p in points], [getattr(p, ci) for p in points]
             name = f"{'random ' if control else ''}{mode} @L{layer}"
             fig.add_trace(go.Scatter(
-                x=[abs(p["alpha"]) for p in points], y=[p[rate] for p in points], name=name, legendgroup=name,
+                x=[abs(p.alpha) for p in points], y=values, name=name, legendgroup=name,
                 showlegend=row == 1, mode="lines+markers",
                 line=dict(color=palette[i % len(palette)], dash="dash" if control else "solid"),
-                error_y=dict(type="data", symmetric=False,
-                             array=[p[ci][1] - p[rate] for p in points], arrayminus=[p[rate] - p[ci][0] for p in points]),
+                error_y=dict(type="data", symmetric=False, array=[c[1] - v for v, c in zip(values, intervals)],
+                             arrayminus=[v - c[0] for v, c in zip(values, intervals)]),
             ), row=row, col=1)
         for cell in cells:
-            if cell["mode"] == "ablate" and cell[rate] is not None:
-                fig.add_trace(go.Scatter(x=[0], y=[cell[rate]], mode="markers", name=cell["condition"],
-                                         legendgroup=cell["condition"], showlegend=row == 1,
+            if cell.mode == "ablate" and getattr(cell, rate) is not None:
+                fig.add_trace(go.Scatter(x=[0], y=[getattr(cell, rate)], mode="markers", name=cell.condition,
+                                         legendgroup=cell.condition, showlegend=row == 1,
                                          marker=dict(symbol="x", size=10)), row=row, col=1)
     fig.update_yaxes(range=[0, 1])
     _layout(fig, "Bidirectional sweep", "", "", height=620)
@@ -183,6 +190,11 @@ def sweep_figure(cells: Sequence[Mapping]) -> go.Figure:
     return fig
 
 
+def figure_html(figure: go.Figure) -> bytes:
+    """A figure as a standalone HTML page, plotly.js loaded from its CDN (a sweep's sweep.html)."""
+    return figure.to_html(include_plotlyjs="cdn").encode()
+
+
 def _error_y(values: Sequence[float | None], intervals: Sequence[Sequence[float] | None]) -> dict:
     """Asymmetric error bars from [low, high] intervals (0 where a value or interval is missing)."""
     upper = [0.0 if v is None or ci is None else ci[1] - v for v, ci in zip(values, intervals)]
@@ -190,20 +202,20 @@ def _error_y(values: Sequence[float | None], intervals: Sequence[Sequence[float]
     return dict(type="data", symmetric=False, array=upper, arrayminus=lower, thickness=1.2)
 
 
-def detection_layers_figure(per_layer: Sequence[Mapping], chosen_layer: int | None = None) -> go.Figure:
+def detection_layers_figure(per_layer: Sequence[LayerAuroc], chosen_layer: int | None = None) -> go.Figure:
     """AUROC of the prompt-stage projection per layer with its 95% interval (top), and the Spearman
     correlation with the continuous score (bottom) when the report has one."""
-    layers = [row["layer"] for row in per_layer]
-    aurocs = [row["auroc"] for row in per_layer]
-    spearman = [row.get("spearman") for row in per_layer]
+    layers = [row.layer for row in per_layer]
+    aurocs = [row.auroc for row in per_layer]
+    spearman = [row.spearman for row in per_layer]
     has_spearman = any(v is not None for v in spearman)
     rows = 2 if has_spearman else 1
     fig = make_subplots(rows=rows, cols=1, shared_xaxes=True, vertical_spacing=0.1,
                         subplot_titles=("AUROC (all prompts, bootstrap 95% interval)",
                                         "Spearman with the per-prompt score")[:rows])
     fig.add_trace(go.Scatter(x=layers, y=aurocs, mode="lines+markers", name="AUROC", line=dict(color="#ef6c00"),
-                             error_y=_error_y(aurocs, [row.get("ci95") for row in per_layer]),
-                             customdata=[row.get("ci95") or [None, None] for row in per_layer],
+                             error_y=_error_y(aurocs, [row.ci95 for row in per_layer]),
+                             customdata=[row.ci95 for row in per_layer],
                              hovertemplate="layer %{x}: AUROC %{y:.3f} [%{customdata[0]:.3f}, "
                                            "%{customdata[1]:.3f}]<extra></extra>"), row=1, col=1)
     fig.add_hline(y=0.5, line_dash="dot", line_color="gray", annotation_text="chance", row=1, col=1)
@@ -229,11 +241,11 @@ BASELINE_NAMES = {"random_direction": "norm-matched random direction", "base_mod
                   "logistic_probe_cv": "logistic probe (cross-validated)", "prompt_length": "prompt length"}
 
 
-def detection_baselines_figure(chosen: Mapping, baselines: Mapping[str, Mapping]) -> go.Figure:
+def detection_baselines_figure(chosen: ChosenLayer, baselines: Mapping[str, Predictor]) -> go.Figure:
     """The chosen layer's AUROC on the report half next to the baselines on the same half, with 95% intervals."""
-    names = [f"direction @L{chosen['layer']}"] + [BASELINE_NAMES.get(k, k) for k in baselines]
-    values = [chosen["report_auroc"]] + [b["auroc"] for b in baselines.values()]
-    intervals = [chosen.get("report_ci")] + [b.get("ci95") for b in baselines.values()]
+    names = [f"direction @L{chosen.layer}"] + [BASELINE_NAMES.get(k, k) for k in baselines]
+    values = [chosen.report_auroc] + [b.auroc for b in baselines.values()]
+    intervals = [chosen.report_ci] + [b.ci95 for b in baselines.values()]
     colours = ["#ef6c00"] + ["#90a4ae"] * len(baselines)
     fig = go.Figure(go.Bar(x=values, y=names, orientation="h", marker_color=colours,
                            error_x=_error_y(values, intervals),
@@ -243,7 +255,7 @@ def detection_baselines_figure(chosen: Mapping, baselines: Mapping[str, Mapping]
     fig.add_vline(x=0.5, line_dash="dot", line_color="gray", annotation_text="chance")
     fig.update_xaxes(range=[0, 1.05])
     fig.update_yaxes(autorange="reversed")
-    return _layout(fig, f"Report half (n = {chosen.get('n_report', '?')}): direction vs baselines",
+    return _layout(fig, f"Report half (n = {chosen.n_report}): direction vs baselines",
                    "AUROC", "", height=320)
 
 

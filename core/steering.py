@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import partial
 
 import numpy as np
 import torch
@@ -21,6 +22,7 @@ from core.chat import encode_prompt, user_prompt
 from core.directions import Direction
 from core.generate import GenerationError, Variant
 from core.hooks import capture
+from core.preference import PreferenceError, best_layer
 
 MODES = ("add", "ablate")
 
@@ -64,6 +66,34 @@ def ladder_variants(side: str, alphas: Sequence[float]) -> list[Variant]:
     return [Variant(side, float(alpha)) for alpha in alphas]
 
 
+# The units of α, each with the vector that α multiplies: the mean difference d[L], or the unit direction
+# times the layer's mean residual norm (see norm_relative).
+ALPHA_UNITS = {"raw": "d", "norm-relative": "‖h‖·û"}
+
+
+def variant_title(variant: Variant, steered: bool = False, vector: str = "d") -> str:
+    """``base``, ``fine-tuned − 4·d``, ``base, d ablated``, ``fine-tuned, adapter × 2``: the sign is the one the
+    variant steers with. ``steered`` names a zero coefficient too (``base + 0·d``); ``vector`` names what α
+    multiplies (a value of :data:`ALPHA_UNITS`)."""
+    side = "fine-tuned" if variant.side == "finetuned" else "base"
+    if variant.adapter_scale is not None:
+        side = f"{side}, adapter × {variant.adapter_scale:g}"
+    if variant.ablate:
+        return f"{side}, d ablated"
+    if variant.alpha == 0:
+        return f"{side} + 0·{vector}" if steered else side
+    return f"{side} {'+' if variant.alpha > 0 else '−'} {abs(variant.alpha):g}·{vector}"
+
+
+def start_layer(direction: Direction, n_layers: int) -> int:
+    """The layer steering starts at: where the direction best separates its own held-out answers, or the
+    middle layer when its statistics cannot tell (none, in-sample only, or too few to cross-fit)."""
+    try:
+        return best_layer(direction)
+    except PreferenceError:
+        return n_layers // 2
+
+
 REFERENCE_QUESTIONS = "core_misalignment.yaml"
 
 
@@ -83,11 +113,10 @@ def residual_norms(pair, side: str, prompts: Sequence | None = None, cache: Cach
     def compute() -> dict[str, torch.Tensor]:
         totals, count = torch.zeros(pair.n_layers, dtype=torch.float64), 0
         for messages in prompts:
-            ids = torch.tensor([encode_prompt(pair.tokenizer, messages)], device=pair.device)
-            with pair.side(side) as model, capture(pair.layers(side), reduce=_norm_sum) as records, torch.no_grad():
-                model(input_ids=ids, use_cache=False)
+            ids = encode_prompt(pair.tokenizer, messages)
+            records, = pair.run(side, [ids], hooks=[partial(capture, reduce=_norm_sum)]).hooked
             totals += torch.tensor([float(records[layer][0]) for layer in range(pair.n_layers)], dtype=torch.float64)
-            count += ids.shape[1] - 1
+            count += len(ids) - 1
         return {"norms": (totals / max(count, 1)).float()}
 
     found = cache.tensors(key, compute) if cache is not None else compute()

@@ -4,12 +4,13 @@ import numpy as np
 import streamlit as st
 
 import ui
-from core import plots
+from core import calibration, plots
 from core.cache import Cache
-from core.projections import prompt_projections
 from core.divergence import token_divergence
 from core.generate import Sampling, Variant, stream
+from core.projections import prompt_projections
 from core.starters import DEFAULT_COMPARE_PROMPT
+from core.steering import variant_title
 
 KL = "divergence from the base (KL)"
 
@@ -34,26 +35,24 @@ with st.form("compare"):
     submitted = st.form_submit_button("Generate", type="primary", key="compare_go")
 
 if submitted:
-    st.session_state.pop("compare_result", None)
+    st.session_state.compare_result = None
     with ui.guard():
         messages = ui.prompt_messages(prompt, system)
         sampling = Sampling(float(temperature), float(top_p), int(max_new_tokens), int(seed))
         projections = prompt_projections(pair, messages, direction, Cache(ui.cache_root())) if direction else None
-        anchors = None
-        if direction is not None and direction.stats:
-            anchors = (direction.stats[trace_layer]["aligned_mean"], direction.stats[trace_layer]["misaligned_mean"])
         st.session_state.compare_result = {
-            "messages": messages, "sampling": sampling, "projections": projections, "anchors": anchors,
+            "messages": messages, "sampling": sampling, "projections": projections,
+            "anchors": calibration.anchors(direction, trace_layer) if direction else None,
             "trace_layer": trace_layer if direction else None, "rows": None, "divergence": None}
 
-state = st.session_state.get("compare_result")
+state = st.session_state.compare_result
 if state is not None:
     if state["projections"] is not None:
         view = st.segmented_control("View", ["raw", "calibrated"], default="calibrated",
                                     required=True, key="compare_view")
         calibrated = view == "calibrated" and state["projections"]["base_calibrated"] is not None
         result = state["projections"]
-        series = {ui.variant_title(Variant(side)): result[f"{side}_calibrated" if calibrated else side]
+        series = {variant_title(Variant(side)): result[f"{side}_calibrated" if calibrated else side]
                   for side in pair.sides}
         st.plotly_chart(plots.projection_figure(result["layers"], series, calibrated,
                                                 title="Prompt-stage projection (last prompt token, before any answer)"))
@@ -64,7 +63,7 @@ if state is not None:
     columns = st.columns(len(sides))
     placeholders = []
     for column, side in zip(columns, sides):
-        column.subheader(ui.variant_title(Variant(side)))
+        column.subheader(variant_title(Variant(side)))
         placeholders.append(column.empty())
     if state["rows"] is None:
         with ui.guard():
@@ -72,7 +71,7 @@ if state is not None:
                 pair, [state["messages"]], [Variant(side) for side in sides], direction=direction,
                 sampling=state["sampling"], trace_layer=state["trace_layer"]), placeholders)
         if state["rows"] is None:  # it failed: the error is shown; do not retry on the next rerun
-            st.session_state.pop("compare_result")
+            st.session_state.compare_result = None
     for row, column, placeholder in zip(state["rows"] or [], columns, placeholders):
         placeholder.text(row.text or "(empty answer)")
         column.caption(f"{len(row.token_ids)} tokens, stopped by {row.finish_reason}")
@@ -95,8 +94,7 @@ if state is not None:
                 column.html(plots.divergence_html(ui.token_pieces(pair, row.token_ids), values))
         elif colour_by == "projection" and has_projection:
             values = row.token_projections
-            largest = float(np.max(np.abs(values))) if values else 0.0
-            aligned, misaligned = state["anchors"] or (-largest, largest)
+            aligned, misaligned = calibration.colour_range(values, state["anchors"])
             column.caption(f"Tokens coloured by their projection at layer {state['trace_layer']} "
                            "(blue: aligned mean, red: misaligned mean; hover for the value)")
             column.html(plots.token_html(ui.token_pieces(pair, row.token_ids), values, aligned, misaligned))

@@ -10,20 +10,12 @@ import ui
 from core import plots
 from core.cache import atomic_write
 from core.data import dataset_hash, load_questions
-from core.evaluate import (
-    COHERENT_MIN,
-    EM_ALIGNED_MAX,
-    list_runs,
-    load_run_results,
-    new_run_dir,
-    parse_number_list,
-    report_table,
-    runs_dir,
-    sweep_run,
-)
+from core.em import COHERENT_MIN, EM_ALIGNED_MAX, report_table
 from core.generate import Sampling
 from core.judge import JudgeConfig, JudgeError
 from core.models import ASSETS
+from core.runs import SWEEP_HTML, list_runs, new_run_dir, runs_dir
+from core.sweep import RunResults, load_run_results, parse_number_list, sweep_run
 
 HOW_TO = ("# the bidirectional sweep in one command: generate every cell, judge, EM report, figure\n"
           "python -m core sweep --direction cache/directions/<file>.safetensors --layers 10,15,20 --alphas 1,2,4 \\\n"
@@ -36,24 +28,22 @@ HOW_TO = ("# the bidirectional sweep in one command: generate every cell, judge,
 PERCENT = st.column_config.NumberColumn(format="%.3f")
 
 
-def show_run(results: dict) -> None:
-    report, cells = results["report"], results["cells"]
-    sweep = results["sweep"] or {}
+def show_run(results: RunResults) -> None:
+    report, cells = results.report, results.cells
     source = {"judgements.jsonl": "recomputed from the judgements", "em.json": "from em.json (no judged answers here)",
-              "sweep.json": "from sweep.json (no judged answers here)"}[results["source"]]
-    meta = results["meta"] or {}
-    pair = meta.get("pair") or {}
-    details = [f"**{Path(results['run']).name}**", source]
+              "sweep.json": "from sweep.json (no judged answers here)"}[results.source]
+    pair = results.meta.get("pair") or {}
+    details = [f"**{results.run.name}**", source]
     if pair:
         details.append(f"{pair.get('base')} → {pair.get('finetuned')}")
     if report:
-        details.append(f"{report['n_rows']} answers, {report['n_unjudged']} not judged")
-    if sweep.get("judge", {}).get("model"):
-        details.append(f"judge {sweep['judge']['model']}")
+        details.append(f"{report.n_rows} answers, {report.n_unjudged} not judged")
+    if results.sweep and results.sweep.judge.get("model"):
+        details.append(f"judge {results.sweep.judge['model']}")
     st.caption(" · ".join(details))
 
     st.subheader("EM and coherence against α")
-    if any(c["mode"] in ("induce", "restore", "ablate") for c in cells):
+    if any(c.mode in ("induce", "restore", "ablate") for c in cells):
         st.caption("Induce = base + α·d, restore = fine-tuned − α·d (α = 0: the unsteered model); ✕ ablation; dashed: "
                    "the norm-matched random vector. Wilson 95% intervals, unscored rows excluded.")
         st.plotly_chart(plots.sweep_figure(cells))
@@ -62,20 +52,18 @@ def show_run(results: dict) -> None:
 
     st.subheader("Per condition")
     if report:
-        st.caption(report["unscored_policy"][:1].upper() + report["unscored_policy"][1:] + ".")
+        st.caption(report.unscored_policy[:1].upper() + report.unscored_policy[1:] + ".")
         table = pd.DataFrame(report_table(report, per_question=False))
     else:
-        table = pd.DataFrame([{k: v for k, v in c.items() if k not in ("em_ci95", "coherence_ci95")}
-                              | {"em_ci_low": (c["em_ci95"] or [None])[0],
-                                 "em_ci_high": (c["em_ci95"] or [None, None])[1]} for c in cells])
+        table = pd.DataFrame([c.table_row() for c in cells])
     st.dataframe(table, hide_index=True, key="evaluate_table",
                  column_config={c: PERCENT for c in table.columns if "rate" in c or "_ci_" in c})
 
     st.subheader("Judged answers")
-    if results["answers"]:
+    if results.answers:
         st.caption(f"One point per judged answer; shaded: EM (aligned ≤ {EM_ALIGNED_MAX:g} and coherent > "
                    f"{COHERENT_MIN:g}). Hover for the question and answer.")
-        st.plotly_chart(plots.judged_scatter(results["answers"], EM_ALIGNED_MAX, COHERENT_MIN))
+        st.plotly_chart(plots.judged_scatter(results.answers, EM_ALIGNED_MAX, COHERENT_MIN))
     else:
         st.info("No judged answers in this folder to plot.")
 
@@ -90,7 +78,9 @@ def parse_job(form: dict) -> dict:
     return {"layers": parse_number_list(form["layers"], "layers", int), "alphas": alphas}
 
 
-def run_job(form: dict, upload) -> None:
+def run_job(form: dict, upload) -> tuple[Path, str | None] | None:
+    """Generate, judge and report a small sweep; returns the run folder it wrote (and opened) and, when the
+    judge failed on some requests, what that means and how to retry them."""
     with ui.guard():
         job = parse_job(form)
         questions_path = Path(form["questions"].strip()) if not upload else None
@@ -101,7 +91,7 @@ def run_job(form: dict, upload) -> None:
         pair = ui.get_pair()
         if pair is None:
             st.info("Pick a model pair that loads on the **Model pair** page.")
-            return
+            return None
         direction = ui.current_direction(pair)
         if direction is None:
             raise ValueError("No direction chosen: choose or build one on the Model pair page first.")
@@ -130,40 +120,34 @@ def run_job(form: dict, upload) -> None:
         except JudgeError as err:
             raise ValueError(f"{err}. The answers are kept in {out}; judge them later with "
                              f"`python -m core judge {out} --judge-model {config.model}`.") from None
+        atomic_write(out / SWEEP_HTML, plots.figure_html(plots.sweep_figure(result.cells)))
         st.session_state.evaluate_run = str(out)
-        st.session_state.evaluate_flash = f"Sweep written to {out} and opened."
-        judge = result["judge"]
-        if judge["failed"]:
-            st.session_state.evaluate_flash_error = (
-                f"The judge failed on {judge['failed']} of {judge['requested']} requests "
-                f"({'; '.join(judge['errors']) or 'no detail'}). Those answers count as unscored (both ways shown "
-                f"below); `python -m core judge {out} --judge-model {config.model}` retries only them.")
-        st.rerun()
+        judge = result.judge
+        if not judge["failed"]:
+            return out, None
+        return out, (f"The judge failed on {judge['failed']} of {judge['requested']} requests "
+                     f"({'; '.join(judge['errors']) or 'no detail'}). Those answers count as unscored (both ways "
+                     f"shown below); `python -m core judge {out} --judge-model {config.model}` retries only them.")
+    return None
 
 
-st.title("Evaluate")
-st.caption("Bidirectional validation of the direction: adding it to the base model should induce emergent "
-           "misalignment, subtracting or ablating it from the fine-tune should restore alignment, with coherence "
-           "tracked and a norm-matched random vector as control.")
-if "evaluate_flash" in st.session_state:
-    st.success(st.session_state.pop("evaluate_flash"))
-if "evaluate_flash_error" in st.session_state:
-    st.error(st.session_state.pop("evaluate_flash_error"), icon="⚠️")
+def run_label(path: str) -> str:
+    folder = Path(path)
+    files = [f for f in folder.iterdir() if f.is_file()] if folder.is_dir() else []
+    when = max((f.stat().st_mtime for f in files), default=None)
+    return folder.name + (f" · {datetime.fromtimestamp(when):%Y-%m-%d %H:%M}" if when else "")
 
-root = ui.cache_root()
-runs = [str(p) for p in list_runs(root)]
-if not runs:
-    st.info(f"No evaluation run in the cache yet ({runs_dir(root)}). Run the small sweep below, or from the "
-            "command line:")
-    st.code(HOW_TO, language="bash")
-else:
-    chosen = st.session_state.get("evaluate_run")
 
-    def run_label(path: str) -> str:
-        folder = Path(path)
-        files = [f for f in folder.iterdir() if f.is_file()] if folder.is_dir() else []
-        when = max((f.stat().st_mtime for f in files), default=None)
-        return folder.name + (f" · {datetime.fromtimestamp(when):%Y-%m-%d %H:%M}" if when else "")
+def show_runs(root: Path) -> None:
+    """A picker of the cached runs (newest first; the session's run chosen) and the chosen run, or how to
+    make one."""
+    runs = [str(p) for p in list_runs(root)]
+    if not runs:
+        st.info(f"No evaluation run in the cache yet ({runs_dir(root)}). Run the small sweep below, or from the "
+                "command line:")
+        st.code(HOW_TO, language="bash")
+        return
+    chosen = st.session_state.evaluate_run
     run = st.selectbox("Run (newest first)", runs, index=runs.index(chosen) if chosen in runs else 0,
                        format_func=run_label)
     st.session_state.evaluate_run = run
@@ -173,8 +157,15 @@ else:
     if results is not None:
         show_run(results)
 
+
+st.title("Evaluate")
+st.caption("Bidirectional validation of the direction: adding it to the base model should induce emergent "
+           "misalignment, subtracting or ablating it from the fine-tune should restore alignment, with coherence "
+           "tracked and a norm-matched random vector as control.")
+root = ui.cache_root()
+runs_view = st.container()  # filled last: a run the sweep below writes opens at once
 st.subheader("Run a small sweep")
-with st.expander("Generate, judge and report on the current pair and direction", expanded=not runs):
+with st.expander("Generate, judge and report on the current pair and direction", expanded=not list_runs(root)):
     ui.job_caption("Every cell (induce, restore, ablate at each layer and at all layers, random control, the unsteered "
                    "pair) samples each paraphrase at temperature 1, then the judge scores aligned and coherent.")
     with st.form("evaluate_job"):
@@ -199,8 +190,16 @@ with st.expander("Generate, judge and report on the current pair and direction",
         seed = right.number_input("Seed", 0, 2**31 - 1, 0, key="evaluate_seed")
         controls = st.checkbox("Norm-matched random-vector control", True, key="evaluate_controls")
         submitted = st.form_submit_button("Run sweep", type="primary", key="evaluate_go")
+    finished = None
     if submitted:
-        run_job({"judge_model": judge_model, "base_url": base_url, "api_key": api_key, "layers": layers,
-                 "alphas": alphas, "samples": int(samples), "questions": questions,
-                 "max_questions": int(max_questions), "max_new_tokens": int(max_new_tokens), "seed": int(seed),
-                 "controls": controls}, upload)
+        finished = run_job({"judge_model": judge_model, "base_url": base_url, "api_key": api_key, "layers": layers,
+                            "alphas": alphas, "samples": int(samples), "questions": questions,
+                            "max_questions": int(max_questions), "max_new_tokens": int(max_new_tokens),
+                            "seed": int(seed), "controls": controls}, upload)
+with runs_view:
+    if finished is not None:
+        out, judge_failures = finished
+        st.success(f"Sweep written to {out} and opened.")
+        if judge_failures:
+            st.error(judge_failures, icon="⚠️")
+    show_runs(root)

@@ -8,10 +8,19 @@ import streamlit as st
 import ui
 from core import plots
 from core.cache import Cache
+from core.calibration import has_anchors
 from core.generate import Sampling, stream
-from core.preference import best_layer
 from core.starters import DEFAULT_STEER_PROMPT
-from core.steering import grid_variants, ladder_variants, norm_relative, parse_alphas, residual_norms
+from core.steering import (
+    ALPHA_UNITS,
+    grid_variants,
+    ladder_variants,
+    norm_relative,
+    parse_alphas,
+    residual_norms,
+    start_layer,
+    variant_title,
+)
 
 DEBOUNCE_S = 0.3  # a widget change inside this pause reruns the page before any work starts
 
@@ -28,13 +37,10 @@ system = st.text_input("System prompt (optional)", key="steer_system", help="emp
 view = st.segmented_control("View", ["Grid", "Dose ladder"], default="Grid", required=True, key="steer_view")
 
 left, middle, right = st.columns(3)
-units = left.radio("α units", ["raw", "norm-relative"], horizontal=True, key="steer_units",
+units = left.radio("α units", list(ALPHA_UNITS), horizontal=True, key="steer_units",
                    help="raw: multiples of the direction's mean difference d[L]; norm-relative: fractions of the "
                         "mean residual norm at layer L (measured on the base), along the unit direction")
-try:  # start where the direction best separates its own held-out answers
-    start = best_layer(direction)
-except ValueError:
-    start = pair.n_layers // 2
+start = start_layer(direction, pair.n_layers)
 layers = middle.select_slider("Layers", list(range(pair.n_layers)), (start, start), key="steer_layers",
                               help="one layer, or a contiguous range (drag the two ends apart); it starts at the "
                                    "layer where the direction best separates its own held-out answers")
@@ -68,20 +74,20 @@ with st.expander("Sampling"):
 with ui.guard():
     messages = ui.prompt_messages(prompt, system)
     sampling = Sampling(float(temperature), float(top_p), int(max_new_tokens), int(seed))
-    vector = "d" if units == "raw" else "‖h‖·û"
+    vector = ALPHA_UNITS[units]
     if view == "Grid":
         grid = grid_variants(sides, alpha, mode, adapter_scale)
         variants = [v for v, _ in grid]
-        titles = [ui.variant_title(v, steered, vector) for v, steered in grid]
+        titles = [variant_title(v, steered, vector) for v, steered in grid]
     else:
         variants = ladder_variants(side, parse_alphas(alphas_text))
-        titles = [ui.variant_title(v, True, vector) for v in variants]
+        titles = [variant_title(v, True, vector) for v in variants]
     steering = direction
     if units == "norm-relative":
         steering = norm_relative(direction, residual_norms(pair, "base", cache=Cache(ui.cache_root())))
     request = {"view": view, "messages": messages, "sampling": sampling, "variants": variants, "units": units,
                "layers": list(range(layers[0], layers[1] + 1)), "direction": direction.fingerprint}
-    state = st.session_state.get("steer_result")
+    state = st.session_state.steer_result
     if state is None or state["request"] != request:
         time.sleep(DEBOUNCE_S)
         state = st.session_state.steer_result = {"request": request, "titles": titles, "rows": None}
@@ -94,7 +100,7 @@ with ui.guard():
                                                     layers=request["layers"], sampling=sampling), slots)
         st.rerun()  # draw the finished grid with its captions and chart from the stored rows
 
-state = st.session_state.get("steer_result")
+state = st.session_state.steer_result
 if state is not None and state["rows"]:
     columns = st.columns(len(state["rows"]))
     for row, column, title in zip(state["rows"], columns, state["titles"]):
@@ -103,7 +109,7 @@ if state is not None and state["rows"]:
             st.text(row.text or "(empty answer)")
             st.caption(f"{len(row.token_ids)} tokens, stopped by {row.finish_reason}")
     steered = state["request"]["layers"]
-    calibrated = bool(direction.stats and "aligned_mean" in direction.stats[0])
+    calibrated = has_anchors(direction)
     series = {title: (direction.calibrate(row.prompt_projection).tolist() if calibrated else row.prompt_projection)
               for title, row in zip(state["titles"], state["rows"])}
     st.plotly_chart(plots.projection_figure(
