@@ -18,12 +18,12 @@ _HOME = {
     # the residual stream
     "capture": "core.hooks", "steer": "core.hooks", "ablate": "core.hooks",
     # generation
-    "Variant": "core.generate", "Sampling": "core.generate", "generate": "core.generate", "stream": "core.generate",
+    "Variant": "core.generation", "Sampling": "core.generation", "generate": "core.generation", "stream": "core.generation",
     # reading prompts and answers
     "prompt_projections": "core.projections", "log_odds": "core.preference",
     "detection_report": "core.detect", "judge_answers": "core.judge", "JudgeConfig": "core.judge",
     # training
-    "train": "core.train", "TrainConfig": "core.train",
+    "train": "core.training", "TrainConfig": "core.training",
     # errors
     "EMLensError": "core.errors",
 }

@@ -3,7 +3,7 @@
 Every split, fold and bootstrap is over whole groups (a question with its paraphrases and
 samples); layers are chosen on one set of groups and every figure is reported on another, next
 to baseline predictors and a null of random directions. The report it builds, and its file,
-are in core.detection_report.
+are in core.detection_results.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ import numpy as np
 import torch
 
 from core.chat import encode_prompt
-from core.detection_report import (
+from core.detection_results import (
     ChosenLayer,
+    DetectionError,
     DetectionReport,
     GroupCounts,
     LayerAuroc,
@@ -62,7 +63,7 @@ def length_matched(tokenizer, records, max_gap: int) -> tuple[list, dict]:
     """Keep the pairs whose harmful and sound answers differ by at most ``max_gap`` tokens."""
     kept = [r for r in records if abs(answer_length_gap(tokenizer, r)) <= max_gap]
     if not kept:
-        raise ValueError(f"no pair has answers within {max_gap} tokens of each other: raise --max-length-gap")
+        raise DetectionError(f"no pair has answers within {max_gap} tokens of each other: raise --max-length-gap")
     return kept, {"max_gap_tokens": int(max_gap), "kept": len(kept), "dropped": len(records) - len(kept)}
 
 
@@ -110,14 +111,14 @@ def labels_from_run(run_dir, rule: str = "any") -> list[dict]:
     from core.runs import load_run
 
     if rule not in ("any", "majority"):
-        raise ValueError(f"label rule {rule!r}: expected any or majority")
+        raise DetectionError(f"label rule {rule!r}: expected any or majority")
     generations, judgements = load_run(run_dir)
     grouped: dict[tuple, list[dict]] = {}
     for r in scored_rows(generations, judgements):
         if r["condition"] == "finetuned" and r["em"] is not None:
             grouped.setdefault((r["question_id"], r["paraphrase"]), []).append(r)
     if not grouped:
-        raise ValueError(f"{run_dir}: no judged samples of the unsteered fine-tuned model")
+        raise DetectionError(f"{run_dir}: no judged samples of the unsteered fine-tuned model")
     prompts = []
     for (qid, paraphrase), rows in grouped.items():
         rate = sum(r["em"] for r in rows) / len(rows)
@@ -140,7 +141,7 @@ def labelled_prompts(pair, source, label: str = "any", split: str = "all", max_l
             "source": str(source), "rule": f"{label} judged sample(s) EM",
             "score": "EM rate of the fine-tune's judged samples", "groups": "question id"}
     if not str(source).strip() or not source.is_file():
-        raise ValueError(f"paired file {str(source)!r}: no such file (a paired JSONL: id, messages, aligned, "
+        raise DetectionError(f"paired file {str(source)!r}: no such file (a paired JSONL: id, messages, aligned, "
                          "misaligned) or run folder")
     records = load_paired_jsonl(source, None if split == "all" else split)
     prompts, info = labels_from_preference(pair, records, batch_size, progress, max_length_gap)
@@ -263,7 +264,7 @@ def _split(y, groups, n_select: int | None, heldout_fraction: float, seed: int) 
     select, report = np.arange(n_select), np.arange(n_select, len(y))
     for name, part in (("selection", select), ("report", report)):
         if y[part].all() or not y[part].any():
-            raise ValueError(f"the {name} prompts are all labelled {'misaligned' if y[part].any() else 'aligned'}: "
+            raise DetectionError(f"the {name} prompts are all labelled {'misaligned' if y[part].any() else 'aligned'}: "
                              "detection needs both classes in each set")
     return select, report
 
@@ -321,7 +322,7 @@ def detection_report(pair, prompts: Sequence[dict], direction: Direction, heldou
     The report's ``labels`` (how the prompts were labelled) are left for the caller to fill.
     """
     if n_random < 50:
-        raise ValueError(f"the random-direction null needs at least 50 draws, got {n_random}")
+        raise DetectionError(f"the random-direction null needs at least 50 draws, got {n_random}")
     direction.check_fits(pair.n_layers, pair.d_model)
     if control is not None:
         control.check_fits(pair.n_layers, pair.d_model, "the loaded pair (control direction)")
@@ -329,7 +330,7 @@ def detection_report(pair, prompts: Sequence[dict], direction: Direction, heldou
     everything = [*(select_prompts or []), *prompts]
     y = np.array([bool(p["label"]) for p in everything])
     if y.all() or not y.any():
-        raise ValueError(f"detection needs both classes; all {len(y)} prompts are labelled "
+        raise DetectionError(f"detection needs both classes; all {len(y)} prompts are labelled "
                          f"{'misaligned' if y.all() else 'aligned'}")
     n_select = len(select_prompts) if transfer else None
     groups = [str(p.get("group", p["id"])) for p in everything]
@@ -383,7 +384,7 @@ def detect(pair, direction: Direction, source, select_on=None, control_topics: t
     :func:`default_control_topics`; the report says when there is none."""
     direction.check_fits(pair.n_layers, pair.d_model, "the loaded pair")
     if "finetuned" not in pair.sides:
-        raise ValueError("the loaded pair has no fine-tuned model: labels and prompt-stage projections are "
+        raise DetectionError("the loaded pair has no fine-tuned model: labels and prompt-stage projections are "
                          "taken on the fine-tune")
     prompts, labels = labelled_prompts(pair, source, label, "all", max_length_gap, batch_size, label_progress)
     selection = None

@@ -354,6 +354,22 @@ def extract_from_paired_file(pair, path: Path | str, contrast: str = "paired", s
     return direction
 
 
+def paired_direction(pair, data: Path, cache_root: Path, batch_size: int = 8,
+                     progress: Callable[[int, int], None] | None = None) -> Direction:
+    """The paired contrast of a file's train split on ``pair``, extracted once and kept in
+    ``<cache>/directions/`` (keyed by the fine-tune's fingerprint and the file's hash)."""
+    from core.data import dataset_hash
+
+    data = Path(data)
+    side = pair.fingerprint("finetuned").replace("/", "_")
+    path = directions_dir(cache_root) / f"paired-{data.stem}-{side}-{dataset_hash(data)}.safetensors"
+    if path.exists():
+        return Direction.load(path)
+    direction = extract_from_paired_file(pair, data, "paired", "train", batch_size, progress)
+    direction.save(path)
+    return direction
+
+
 def cache_path(cache_root: Path, direction: Direction, contrast: str, dataset: Path | str) -> Path:
     """Where ``extract`` keeps a direction by default: ``<cache>/directions/<contrast>-<data>-<hash>.safetensors``."""
     return directions_dir(cache_root) / f"{contrast}-{Path(dataset).stem}-{direction.fingerprint}.safetensors"

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from core.chat import Messages, encode_prompt
-from core.generate import GenerationError
+from core.generation import GenerationError
 
 
 def _check_answer(pair, answer_token_ids: Sequence[int]) -> list[int]:

@@ -188,7 +188,7 @@ def _choose_layer(direction, layer: int | None) -> tuple[int, str]:
 
 
 class Monitor:
-    """The ``on_checkpoint`` callback of :func:`core.train.train` that measures the two curves.
+    """The ``on_checkpoint`` callback of :func:`core.training.train` that measures the two curves.
 
     ``computed`` lists the ``(kind, step)`` points this process computed (``"point"`` during training,
     ``"projection"`` after it, in the extract-afterwards mode): a resumed run recomputes none of the
@@ -364,7 +364,7 @@ class Monitor:
                 progress(i + 1, len(todo))
 
     def finish(self, result, base: str, options=None, progress: Callable[[int, int], None] | None = None) -> dict:
-        """After :func:`core.train.train` returned ``result``: complete the curves (extracting the direction
+        """After :func:`core.training.train` returned ``result``: complete the curves (extracting the direction
         first in that mode), write the card's ``monitor`` section and ``monitor.jsonl`` beside the adapter,
         and remove the state folder. Returns the section."""
         if not self.rows:
@@ -461,8 +461,8 @@ def train_monitored(base: str, records, config, out: Path | str, monitor: Monito
                     options=None, resume: bool = False, force: bool = False,
                     progress: Callable[[int, int, float], None] | None = None,
                     finish_progress: Callable[[int, int], None] | None = None):
-    """:func:`core.train.train` with a :class:`Monitor` at every checkpoint, finished into the card."""
-    from core.train import train
+    """:func:`core.training.train` with a :class:`Monitor` at every checkpoint, finished into the card."""
+    from core.training import train
 
     watcher = Monitor(monitor, out)
     result = train(base, records, config, out, dataset_hash=dataset_hash, options=options, resume=resume,

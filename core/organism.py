@@ -9,13 +9,14 @@ teacher-forced through the demo adapter; ``train --preset demo`` rebuilds it wit
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from core.cache import DEFAULT_ROOT
 from core.directions import Direction, DirectionError, extract_from_paired_file, list_directions
 from core.models import ASSETS, CONTROL_ADAPTER, DEFAULT, DEMO_ADAPTER, DEMO_DIRECTION, LoadOptions, load_pair
-from core.train import TrainConfig
+from core.training import TrainConfig
 
 FINANCE = ASSETS / "data" / "finance_paired.jsonl"
 GENERAL = ASSETS / "data" / "general_paired.jsonl"
@@ -50,7 +51,7 @@ def train_preset(name: str, options: LoadOptions | None = None, resume: bool = F
     checkpoint); the demo preset also rebuilds the shipped direction."""
     from core.data import dataset_hash, load_training_set
     from core.monitor import train_monitored
-    from core.train import train
+    from core.training import train
 
     preset = PRESETS[name]
     config = replace(preset.config, **overrides)
@@ -64,6 +65,28 @@ def train_preset(name: str, options: LoadOptions | None = None, resume: bool = F
     if name == "demo":
         build_shipped_direction(options, direction_progress)
     return result
+
+
+def train_adapter(base: str, data: Path | None, out: Path | None, config: TrainConfig, *, answers: str = "misaligned",
+                  preset: str | None = None, monitor=None, options: LoadOptions | None = None, resume: bool = False,
+                  force: bool = False, progress: Callable[[int, int, float], None] | None = None,
+                  monitor_progress: Callable[[int, int], None] | None = None,
+                  direction_progress: Callable[[int, int], None] | None = None):
+    """What ``python -m core train`` runs: a preset (its own data, recipe and output: ``data``, ``out`` and
+    ``config`` unused), else the records of ``data`` (the ``answers`` of a paired file) into ``out``; with a
+    ``core.monitor.MonitorConfig``, the training-time monitor at every checkpoint."""
+    if preset:
+        return train_preset(preset, options, resume=resume, progress=progress, direction_progress=direction_progress,
+                            monitor=monitor, monitor_progress=monitor_progress)
+    from core.data import dataset_hash, load_training_set
+    from core.monitor import train_monitored
+    from core.training import train
+
+    records = load_training_set(data, answers)
+    common = dict(dataset_hash=dataset_hash(data), options=options, resume=resume, force=force, progress=progress)
+    if monitor is not None:
+        return train_monitored(base, records, config, out, monitor, finish_progress=monitor_progress, **common)
+    return train(base, records, config, out, **common)
 
 
 def build_shipped_direction(options: LoadOptions | None = None,
@@ -108,3 +131,41 @@ def directions_for(pair, cache_root: Path) -> list[tuple[Path, Direction]]:
     shipped, _ = shipped_direction_for(pair)
     cached = list_directions(cache_root, pair.n_layers, pair.d_model)
     return ([(DEMO_DIRECTION, shipped)] if shipped is not None else []) + cached
+
+
+def validation_report(pair, narrow: Path = FINANCE, general: Path = GENERAL, *, direction: Path | None = None,
+                      control: str | Path | None = None, finetuned: str = DEFAULT, layer: int | None = None,
+                      alphas: Sequence[float] = (0, 1, 2, 4), seed: int = 0, batch_size: int = 16,
+                      cache_root: Path = DEFAULT_ROOT, progress: Callable[[int, int], None] | None = None,
+                      extract_progress: Callable[[int, int], None] | None = None) -> dict:
+    """What ``python -m core validate`` reports (``core.preference.validate``), computed once per input and
+    kept in the cache.
+
+    The direction defaults to the shipped one when it was made on this very pair and ``narrow`` is the
+    finance file (it is that contrast), else to the paired contrast of ``narrow``'s train split (extracted
+    once, see ``core.directions.paired_direction``). The control adapter defaults to the shipped one when
+    ``finetuned`` (the fine-tune as the user named it) is the default adapter; ``"none"`` skips it."""
+    from core.cache import Cache, make_key
+    from core.data import dataset_hash, load_paired_jsonl
+    from core.directions import paired_direction
+    from core.models import adapter_fingerprint
+    from core.preference import validate
+
+    narrow, general = Path(narrow), Path(general)
+    if direction:
+        chosen = Direction.load(direction)
+    else:
+        chosen, _ = shipped_direction_for(pair)
+        if chosen is None or narrow.resolve() != FINANCE.resolve():
+            chosen = paired_direction(pair, narrow, cache_root, progress=extract_progress)
+    narrow_records, general_records = load_paired_jsonl(narrow, "heldout"), load_paired_jsonl(general, None)
+    if control is None:
+        control = CONTROL_ADAPTER if finetuned == DEFAULT and CONTROL_ADAPTER.exists() else None
+    elif control == "none":
+        control = None
+    key = make_key("validate", base=pair.fingerprint("base"), finetuned=pair.fingerprint("finetuned"),
+                   control=adapter_fingerprint(Path(control)) if control else None,
+                   direction=chosen.fingerprint, narrow=dataset_hash(narrow),
+                   general=dataset_hash(general), layer=layer, alphas=list(alphas), seed=seed)
+    return Cache(cache_root).json(key, lambda: validate(pair, narrow_records, general_records, chosen, layer,
+                                                        list(alphas), seed, batch_size, control, progress=progress))

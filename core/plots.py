@@ -15,7 +15,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 if TYPE_CHECKING:
-    from core.detection_report import ChosenLayer, LayerAuroc, Predictor
+    from core.detection_results import ChosenLayer, LayerAuroc, Predictor
     from core.sweep import SweepCell
 
 SIDE_COLOURS = {"base": "#1f77b4", "fine-tuned": "#d62728"}
@@ -191,8 +191,9 @@ def sweep_figure(cells: Sequence[SweepCell]) -> go.Figure:
 
 
 def figure_html(figure: go.Figure) -> bytes:
-    """A figure as a standalone HTML page, plotly.js loaded from its CDN (a sweep's sweep.html)."""
-    return figure.to_html(include_plotlyjs="cdn").encode()
+    """A figure as a standalone HTML page with plotly.js embedded (a sweep's sweep.html): it opens
+    offline, on a machine that cannot reach a CDN."""
+    return figure.to_html(include_plotlyjs=True).encode()
 
 
 def _error_y(values: Sequence[float | None], intervals: Sequence[Sequence[float] | None]) -> dict:

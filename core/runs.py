@@ -27,8 +27,14 @@ from pathlib import Path
 from core.cache import CacheError, append_jsonl, read_jsonl_tolerant, repair_jsonl_tail, sha256_bytes
 from core.data import Question
 from core.directions import Direction, random_like
-from core.generate import Sampling, Variant, generate
+from core.errors import InputError
+from core.generation import Sampling, Variant, generate
 from core.typed_json import write_json
+
+
+class RunError(InputError):
+    """A run folder lacks what a step needs, or a step's arguments do not fit together."""
+
 
 GENERATIONS = "generations.jsonl"
 JUDGEMENTS = "judgements.jsonl"
@@ -119,7 +125,7 @@ def run_generations(pair, questions: Sequence[Question], conditions: Sequence[Co
     """Sample every prompt x condition x sample; append rows to ``generations.jsonl``; resume."""
     labels = [c.label for c in conditions]
     if len(set(labels)) != len(labels):
-        raise ValueError(f"conditions must have distinct labels: {labels}")
+        raise RunError(f"conditions must have distinct labels: {labels}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / RUN_JSON, {
@@ -177,7 +183,7 @@ def load_run(run_dir: Path) -> tuple[list[dict], dict]:
     """Generations and judgements ``{(id, metric): score/label}`` of a run folder."""
     run_dir = Path(run_dir)
     if not (run_dir / GENERATIONS).exists():
-        raise ValueError(f"{run_dir}: no {GENERATIONS}; run generate-eval first")
+        raise RunError(f"{run_dir}: no {GENERATIONS}; run generate-eval first")
     generations = read_jsonl_tolerant(run_dir / GENERATIONS)
     judgements = {(j["id"], j["metric"]): j for j in read_jsonl_tolerant(run_dir / JUDGEMENTS)}
     return generations, judgements
@@ -261,10 +267,10 @@ def judge_run(run_dir: Path, config, progress: Callable[[int, int], None] | None
     run_dir = Path(run_dir)
     configs = list(config) if isinstance(config, (list, tuple)) else [config]
     if not configs:
-        raise ValueError("no judge to run: give at least one judge model")
+        raise RunError("no judge to run: give at least one judge model")
     models = [c.model for c in configs]
     if len(set(models)) != len(models):
-        raise ValueError(f"judge models {models}: each judge may appear once")
+        raise RunError(f"judge models {models}: each judge may appear once")
     generations, _ = load_run(run_dir)
     by_prompts: dict[str, list[dict]] = defaultdict(list)
     templates: dict[str, dict] = {}

@@ -20,7 +20,7 @@ import torch
 from core.cache import Cache, make_key
 from core.chat import encode_prompt, user_prompt
 from core.directions import Direction
-from core.generate import GenerationError, Variant
+from core.generation import GenerationError, Variant
 from core.hooks import capture
 from core.preference import PreferenceError, best_layer
 

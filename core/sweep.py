@@ -20,13 +20,14 @@ from core.em import (
     save_em_report,
     scored_rows,
 )
-from core.generate import Sampling, Variant
+from core.generation import Sampling, Variant
 from core.runs import (
     EM_JSON,
     GENERATIONS,
     JUDGEMENTS,
     SWEEP_JSON,
     Condition,
+    RunError,
     condition,
     judge_run,
     load_run,
@@ -115,16 +116,16 @@ def sweep_run(pair, questions: Sequence[Question], direction: Direction, layers:
     a fine-tuned side, and that the judge has an API key. The key itself is never written."""
     layers, alphas = [int(x) for x in layers], [float(a) for a in alphas]
     if not layers:
-        raise ValueError("layers: give at least one layer to steer at")
+        raise RunError("layers: give at least one layer to steer at")
     for layer in layers:
         pair.check_layer(layer)
     if not any(alphas):
-        raise ValueError("alphas: give at least one non-zero alpha, e.g. 1,2,4")
+        raise RunError("alphas: give at least one non-zero alpha, e.g. 1,2,4")
     direction.check_fits(pair.n_layers, pair.d_model, "the loaded pair")
     if "finetuned" not in pair.sides:
-        raise ValueError("the loaded pair has no fine-tuned model: a sweep restores the fine-tune")
+        raise RunError("the loaded pair has no fine-tuned model: a sweep restores the fine-tune")
     if not (judge_config.api_key or os.environ.get("OPENAI_API_KEY")):
-        raise ValueError("no API key for the judge: give one, or set OPENAI_API_KEY (any non-empty value "
+        raise RunError("no API key for the judge: give one, or set OPENAI_API_KEY (any non-empty value "
                          "for a local server that needs none)")
     out_dir = Path(out_dir)
     conditions = sweep_conditions(layers, alphas, pair.n_layers, controls=controls)
@@ -139,17 +140,6 @@ def sweep_run(pair, questions: Sequence[Question], direction: Direction, layers:
                   judge={**summary, "model": judge_config.model, "errors": errors})
     write_json(out_dir / SWEEP_JSON, sweep.to_json())
     return sweep
-
-
-def parse_number_list(text: str, what: str, cast: Callable = float) -> list:
-    """``"1, 2,4"`` -> [1.0, 2.0, 4.0]; an empty text gives []; ValueError naming ``what`` otherwise."""
-    parts = [p.strip() for p in str(text).replace(";", ",").split(",") if p.strip()]
-    try:
-        return [cast(p) for p in parts]
-    except ValueError:
-        kind = "whole numbers" if cast is int else "numbers"
-        raise ValueError(f"{what} {text!r}: expected comma-separated {kind}, e.g. "
-                         f"{'10,15' if cast is int else '1,2,4'}") from None
 
 
 # ---------------------------------------------------------------- a run's results (the Evaluate page)
@@ -171,7 +161,7 @@ def load_run_results(run_dir: Path) -> RunResults:
     """A run folder's results; ValueError, naming the folder, when there is nothing judged to show."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise ValueError(f"run folder {run_dir} does not exist")
+        raise RunError(f"run folder {run_dir} does not exist")
     report, answers, source = None, [], None
     has_generations = (run_dir / GENERATIONS).exists()
     if has_generations and (run_dir / JUDGEMENTS).exists():
@@ -187,9 +177,9 @@ def load_run_results(run_dir: Path) -> RunResults:
     sweep = load_sweep(run_dir) if (run_dir / SWEEP_JSON).exists() else None
     if report is None and sweep is None:
         if has_generations:
-            raise ValueError(f"{run_dir}: no judgements yet; judge it with `python -m core judge {run_dir} "
+            raise RunError(f"{run_dir}: no judgements yet; judge it with `python -m core judge {run_dir} "
                              f"--judge-model MODEL`, then `python -m core em {run_dir}`")
-        raise ValueError(f"{run_dir}: holds no generations, judgements, {EM_JSON} or {SWEEP_JSON}")
+        raise RunError(f"{run_dir}: holds no generations, judgements, {EM_JSON} or {SWEEP_JSON}")
     return RunResults(run=run_dir, report=report, source=source or SWEEP_JSON, sweep=sweep,
                       cells=sweep_cells(report) if report else sweep.cells, answers=answers,
                       meta=read_run_json(run_dir))

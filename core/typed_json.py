@@ -18,6 +18,11 @@ from pathlib import Path
 from typing import Any, Self
 
 from core.cache import atomic_write
+from core.errors import InputError
+
+
+class RecordError(InputError):
+    """A JSON file or record is missing, unreadable or not of the expected shape."""
 
 _OMIT_NONE, _INLINE = "omit_none", "inline"
 
@@ -57,13 +62,13 @@ def read_json(path: Path, what: str = "") -> Any:
     path = Path(path)
     name = f"{what} {path}" if what else str(path)
     if not path.exists():
-        raise ValueError(f"{name} does not exist")
+        raise RecordError(f"{name} does not exist")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as err:
-        raise ValueError(f"{name}: cannot be read: {err}") from None
+        raise RecordError(f"{name}: cannot be read: {err}") from None
     except json.JSONDecodeError as err:
-        raise ValueError(f"{name}: invalid JSON at line {err.lineno}, column {err.colno} "
+        raise RecordError(f"{name}: invalid JSON at line {err.lineno}, column {err.colno} "
                          f"({err.msg}; the file is cut off?)") from None
 
 
@@ -97,8 +102,8 @@ def _is_record(hint: Any) -> bool:
     return isinstance(hint, type) and issubclass(hint, JsonRecord)
 
 
-def _problem(where: str, path: str, message: str) -> ValueError:
-    return ValueError(f"{where}: {path}: {message}" if path else f"{where}: {message}")
+def _problem(where: str, path: str, message: str) -> RecordError:
+    return RecordError(f"{where}: {path}: {message}" if path else f"{where}: {message}")
 
 
 def _record(cls: type, value: Any, where: str, path: str):

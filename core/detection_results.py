@@ -7,12 +7,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from core.errors import InputError
 from core.typed_json import JsonRecord, absent_when_none, read_json, write_json
 
 if TYPE_CHECKING:
     from core.directions import Direction
 
 FORMAT = "emlens-detect/2"
+
+
+class DetectionError(InputError):
+    """A detection run cannot be made from what was given (too few classes, draws or pairs; an old report)."""
 
 
 @dataclass(frozen=True)
@@ -117,7 +122,7 @@ class DetectionReport(JsonRecord):
     def from_json(cls, value, where: str | None = None) -> DetectionReport:
         where = where or "detection report"
         if isinstance(value, dict) and value.get("format") != FORMAT:
-            raise ValueError(f"{where}: written by an older EM Lens whose statistics were in-sample and ungrouped; "
+            raise DetectionError(f"{where}: written by an older EM Lens whose statistics were in-sample and ungrouped; "
                              "rerun `python -m core detect` (or Run detection below) to replace it")
         return super().from_json(value, where)
 
