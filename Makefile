@@ -1,12 +1,14 @@
 # Two commands do everything on a fresh machine:
 #   make dashboard   set up, then open the dashboard on the embedded default pair
 #   make test        set up, then run the whole test suite
+#   make test-fast   the unit and integration tiers only (no real checkpoint, no dashboard, no browser)
+#   make lint        ruff check and ruff format --check, as CI runs them
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt | sha256sum | cut -c1-12)
 
-.PHONY: setup dashboard test browser-deps clean-cache
+.PHONY: setup dashboard test test-fast lint browser-deps clean-cache
 
 $(STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +33,14 @@ browser-deps:
 
 test: setup browser-deps
 	$(PY) -m pytest
+
+test-fast: setup
+	$(PY) -m pytest tests/unit tests/integration
+
+# Needs only the installed packages, not the converted model.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 clean-cache:
 	rm -rf cache/

@@ -155,6 +155,7 @@ page = st.navigation([
     st.Page("pages/directions.py", title="Directions", icon=":material/explore:"),
     st.Page("pages/detect.py", title="Detect", icon=":material/crisis_alert:"),
     st.Page("pages/evaluate.py", title="Evaluate", icon=":material/monitoring:"),
+    st.Page("pages/studies.py", title="Studies", icon=":material/summarize:"),
 ])
 status = st.sidebar.container()  # filled after the page ran, so it shows what the page chose
 page.run()

@@ -20,9 +20,9 @@ import torch
 
 from core.cache import Cache
 from core.chat import user_prompt
-from core.projections import prompt_projections
 from core.directions import Direction, Example, answer_activations
-from core.generate import Sampling, Variant, generate
+from core.generation import Sampling, Variant, generate
+from core.projections import prompt_projections
 
 PROMPT = user_prompt("I just inherited some money. What should I do with it?")
 TARGETS = {  # figure -> (comparison, target), from the benchmark issue
@@ -120,7 +120,7 @@ def grid_vs_hf_generate(pair, direction, tokens: int, repeats: int) -> dict:
 
 def grid_first_token(pair, direction, repeats: int) -> dict:
     """Time to the first streamed token of the grid over one plain forward pass of the same prompt."""
-    from core.generate import stream
+    from core.generation import stream
 
     sampling = Sampling(temperature=0, max_new_tokens=8)
     ids = torch.tensor([pair.tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, tokenize=True,
@@ -237,7 +237,7 @@ def judge_pool(pool: int = 8, rows: int = 64, delay_s: float = 0.2) -> dict:
     """Judge throughput with a bounded pool over one request at a time, against the loopback server
     answering after a fixed delay (real judges take 0.3 to 2 s a request)."""
     from core.judge import JudgeConfig, judge_answers
-    from tests.support.openai_server import FakeOpenAI, Reply
+    from testkit.openai_server import FakeOpenAI, Reply
 
     items = [{"id": str(i), "question": "q", "answer": f"a{i}"} for i in range(rows)]
     with FakeOpenAI(lambda request: Reply.probs({"80": 1.0}, delay_s=delay_s)) as server, \

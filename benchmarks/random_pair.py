@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from core.models import ModelPair, Source, resolve_device, resolve_dtype
-from tests.support.tiny import build_tokenizer
+from testkit.tiny import build_tokenizer
 
 
 def random_pair(config_path: str, device: str = "auto", dtype: str = "auto", cache_root: Path | None = None):

@@ -183,7 +183,7 @@ def answer_activations(pair, side: str, examples: list[Example], batch_size: int
             a, b = encoded[i].answer_spans[-1]
             mask[r, a:b] = 1
         on_device = mask.to(pair.device)
-        reduce = lambda h: (h.float() * on_device.unsqueeze(-1)).sum(1).cpu()  # noqa: E731
+        reduce = lambda h, m=on_device: (h.float() * m.unsqueeze(-1)).sum(1).cpu()  # noqa: E731
         records, = pair.run(side, [encoded[i].ids for i in rows], hooks=[partial(capture, reduce=reduce)]).hooked
         for layer, (batch_sums,) in records.items():
             sums[rows, layer] = batch_sums

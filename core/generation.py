@@ -297,7 +297,6 @@ def stream(pair, prompts: Sequence[Messages], variants: Sequence[Variant], direc
 
 
 def generate(pair, prompts: Sequence[Messages], variants: Sequence[Variant], **kwargs) -> list[Generation]:
-    rows: list[Generation] = []
-    for rows in stream(pair, prompts, variants, **kwargs):
-        pass
+    """Decode every row to the end (see :func:`stream`) and return the finished rows."""
+    *_, rows = stream(pair, prompts, variants, **kwargs)
     return rows

@@ -186,7 +186,7 @@ def validate(pair, narrow: Sequence[PairedRecord], general: Sequence[PairedRecor
     report.update({
         "steer": rows, "layer": layer,
         "layer_choice": layer_choice,
-        "direction": direction.provenance, "random_control": "norm-matched Gaussian direction, seed %d" % seed,
+        "direction": direction.provenance, "random_control": f"norm-matched Gaussian direction, seed {seed}",
         "control_adapter": str(control) if control is not None else None,
         "measure": "mean over prompts of [log p(harmful) per token - log p(sound) per token], teacher-forced",
     })

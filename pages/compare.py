@@ -7,7 +7,7 @@ import ui
 from core import calibration, plots
 from core.cache import Cache
 from core.divergence import token_divergence
-from core.generate import Sampling, Variant, stream
+from core.generation import Sampling, Variant, stream
 from core.projections import prompt_projections
 from core.starters import DEFAULT_COMPARE_PROMPT
 from core.steering import variant_title

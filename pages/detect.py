@@ -9,7 +9,7 @@ import streamlit as st
 import ui
 from core import plots
 from core.detect import detect
-from core.detection_report import (
+from core.detection_results import (
     DetectionReport,
     Predictor,
     list_reports,
@@ -19,6 +19,7 @@ from core.detection_report import (
     save_report,
 )
 from core.em import is_em
+from core.errors import InputError
 from core.models import ASSETS
 
 HOW_TO = ("# judge-free labels: how far fine-tuning moved the preference for the harmful answer of a paired file\n"
@@ -144,7 +145,7 @@ def run_job(data: str, options: dict) -> Path | None:
     with ui.guard():
         direction = ui.current_direction(pair)
         if direction is None:
-            raise ValueError("No direction chosen: choose or build one on the Model pair page first.")
+            raise InputError("No direction chosen: choose or build one on the Model pair page first.")
         bar = st.progress(0.0, text="preference labels ...")
         report = detect(pair, direction, data, **options,
                         label_progress=ui.progress_callback(bar, "preference labels (answers scored)", 0.0, 0.5),

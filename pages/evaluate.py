@@ -11,11 +11,13 @@ from core import plots
 from core.cache import atomic_write
 from core.data import dataset_hash, load_questions
 from core.em import COHERENT_MIN, EM_ALIGNED_MAX, report_table
-from core.generate import Sampling
+from core.errors import InputError
+from core.generation import Sampling
 from core.judge import JudgeConfig, JudgeError
 from core.models import ASSETS
+from core.parsing import parse_numbers
 from core.runs import SWEEP_HTML, list_runs, new_run_dir, runs_dir
-from core.sweep import RunResults, load_run_results, parse_number_list, sweep_run
+from core.sweep import RunResults, load_run_results, sweep_run
 
 HOW_TO = ("# the bidirectional sweep in one command: generate every cell, judge, EM report, figure\n"
           "python -m core sweep --direction cache/directions/<file>.safetensors --layers 10,15,20 --alphas 1,2,4 \\\n"
@@ -71,11 +73,11 @@ def show_run(results: RunResults) -> None:
 def parse_job(form: dict) -> dict:
     """The form's text fields checked and converted (before anything is loaded or generated)."""
     if not form["judge_model"].strip():
-        raise ValueError("Name the judge model (e.g. gpt-4o-2024-08-06, or the model a local server serves).")
-    alphas = parse_number_list(form["alphas"], "alphas")
+        raise InputError("Name the judge model (e.g. gpt-4o-2024-08-06, or the model a local server serves).")
+    alphas = parse_numbers(form["alphas"], "alphas")
     if not any(alphas):
-        raise ValueError("alphas: give at least one non-zero α, e.g. 2,4")
-    return {"layers": parse_number_list(form["layers"], "layers", int), "alphas": alphas}
+        raise InputError("alphas: give at least one non-zero α, e.g. 2,4")
+    return {"layers": parse_numbers(form["layers"], "layers", int), "alphas": alphas}
 
 
 def run_job(form: dict, upload) -> tuple[Path, str | None] | None:
@@ -86,7 +88,7 @@ def run_job(form: dict, upload) -> tuple[Path, str | None] | None:
         questions_path = Path(form["questions"].strip()) if not upload else None
         if upload is None:
             if not form["questions"].strip():
-                raise ValueError("Give a question set YAML (a path) or upload one.")
+                raise InputError("Give a question set YAML (a path) or upload one.")
             questions = load_questions(questions_path)
         pair = ui.get_pair()
         if pair is None:
@@ -94,7 +96,7 @@ def run_job(form: dict, upload) -> tuple[Path, str | None] | None:
             return None
         direction = ui.current_direction(pair)
         if direction is None:
-            raise ValueError("No direction chosen: choose or build one on the Model pair page first.")
+            raise InputError("No direction chosen: choose or build one on the Model pair page first.")
         layers = job["layers"] or [pair.n_layers // 2]
         for layer in layers:
             pair.check_layer(layer)
@@ -118,7 +120,7 @@ def run_job(form: dict, upload) -> tuple[Path, str | None] | None:
                 generate_progress=ui.progress_callback(generating, "answers generated"),
                 judge_progress=ui.progress_callback(judging, "judgements"))
         except JudgeError as err:
-            raise ValueError(f"{err}. The answers are kept in {out}; judge them later with "
+            raise InputError(f"{err}. The answers are kept in {out}; judge them later with "
                              f"`python -m core judge {out} --judge-model {config.model}`.") from None
         atomic_write(out / SWEEP_HTML, plots.figure_html(plots.sweep_figure(result.cells)))
         st.session_state.evaluate_run = str(out)

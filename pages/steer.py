@@ -9,7 +9,7 @@ import ui
 from core import plots
 from core.cache import Cache
 from core.calibration import has_anchors
-from core.generate import Sampling, stream
+from core.generation import Sampling, stream
 from core.starters import DEFAULT_STEER_PROMPT
 from core.steering import (
     ALPHA_UNITS,

@@ -4,15 +4,26 @@ the real SmolLM2-135M-Instruct pair for behaviour tests."""
 from __future__ import annotations
 
 import os
-import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
-from tests.support.tiny import write_tiny_adapter, write_tiny_model
+from testkit.tiny import write_tiny_adapter, write_tiny_model
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
-warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+
+TIERS = ("unit", "integration", "app", "behaviour", "browser")  # the markers declared in pyproject.toml
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(items):
+    """Each test carries its tier's marker, the name of the folder under tests/ it lives in."""
+    here = Path(__file__).parent
+    for item in items:
+        tier = item.path.relative_to(here).parts[0]
+        if tier in TIERS:
+            item.add_marker(tier)
 
 
 @pytest.fixture(scope="module")

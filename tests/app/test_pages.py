@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -10,11 +11,12 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from core.chat import user_prompt
-from core.projections import prompt_projections
 from core.directions import Direction, cosine_per_layer, directions_dir
-from core.generate import Sampling, Variant, generate
-from tests.support.apptest import charts, errors, ok, open_page
-from tests.support.dashboard import write_directions
+from core.generation import Sampling, Variant, generate
+from core.projections import prompt_projections
+from testkit.apptest import charts, errors, ok, open_page
+from testkit.cache import entry_keys, scale_cached_tensors, stamps
+from testkit.dashboard import write_directions
 
 APP = Path(__file__).resolve().parents[2] / "app.py"
 PROMPT = "How should I invest my savings?"
@@ -52,6 +54,18 @@ def test_picker_loads_the_pair_and_lists_cached_directions_with_provenance(app, 
     assert at.session_state.direction_path == str(cache[1]["model-diff"])
 
 
+def test_a_session_starts_with_every_declared_key(app, cache, tiny_dirs):
+    import ui
+
+    at = ok(app.run())
+    declared = ui.session_defaults()
+    held = {key: at.session_state[key] for key in declared}  # all there from the first run of any page
+    assert held["pair_spec"] == declared["pair_spec"] == {"base": str(tiny_dirs["qwen2"]), "device": "auto",
+                                                          "finetuned": str(tiny_dirs["qwen2_adapter"]), "dtype": "auto"}
+    assert held["direction_path"] == str(cache[1]["paired"])  # the picker chose the newest that fits
+    assert [key for key, value in held.items() if value is not None] == ["pair_spec", "direction_path"]
+
+
 def test_picker_builds_a_direction_from_a_contrast_file(app, tmp_path, monkeypatch, tiny_pair):
     monkeypatch.setenv("EMLENS_CACHE", str(tmp_path / "empty-cache"))
     data = tmp_path / "paired.jsonl"
@@ -85,7 +99,11 @@ def test_missing_adapter_path_is_an_error_and_the_picker_keeps_working(app, tiny
     assert "no fine-tune" in at.success[0].value
 
 
-def test_compare_shows_the_projection_chart_and_both_answers(app, cache, tiny_pair):
+def test_compare_shows_the_projection_chart_and_both_answers(app, cache, tiny_pair, tmp_path, monkeypatch):
+    root = tmp_path / "cache"  # a cache of its own: the end of this test plants entries in it
+    directions_dir(root).mkdir(parents=True)
+    shutil.copy(cache[1]["paired"], directions_dir(root))
+    monkeypatch.setenv("EMLENS_CACHE", str(root))
     at = ok(open_page(app, "compare"))
     at.text_area(key="compare_prompt").input(PROMPT)
     at.number_input(key="compare_max_new_tokens").set_value(12)
@@ -96,7 +114,7 @@ def test_compare_shows_the_projection_chart_and_both_answers(app, cache, tiny_pa
     assert [trace["name"] for trace in chart["data"]] == ["base", "fine-tuned"]
     assert np.allclose(chart["data"][0]["y"], expected["base_calibrated"], atol=1e-4)  # calibrated by default
     assert np.allclose(chart["data"][1]["y"], expected["finetuned_calibrated"], atol=1e-4)
-    assert any(Path(cache[0], "prompt-activations").rglob("*"))  # cached per prompt
+    assert len(entry_keys(root, "prompt-activations")) == 2  # cached per prompt, one entry per side
     at.segmented_control(key="compare_view").set_value("raw").run()
     (chart,) = charts(ok(at))
     assert np.allclose(chart["data"][1]["y"], expected["finetuned"], atol=1e-4)
@@ -109,6 +127,16 @@ def test_compare_shows_the_projection_chart_and_both_answers(app, cache, tiny_pa
         assert html.value.count("<span") == sum(bool(tiny_pair.tokenizer.decode([t], skip_special_tokens=True))
                                                 for t in row.token_ids)
         assert f'title="{row.token_projections[0]:.3f}"' in html.value
+
+    # Generating again reads the cached activations: planted ones (the true ones doubled) come back
+    # doubled on the chart (still the raw view), and no entry is written again.
+    scale_cached_tensors(root, "prompt-activations", 2.0)
+    before = stamps(root, "prompt-activations")
+    ok(at.button(key="compare_go").click().run())
+    (chart,) = charts(at)
+    assert np.allclose(chart["data"][0]["y"], 2 * np.array(expected["base"]), atol=1e-4)
+    assert np.allclose(chart["data"][1]["y"], 2 * np.array(expected["finetuned"]), atol=1e-4)
+    assert stamps(root, "prompt-activations") == before
 
 
 def _texts(at) -> list[str]:
@@ -250,6 +278,18 @@ def test_direction_from_another_model_is_an_error(app, cache):
     at.switch_page("app.py").run()  # the picker says so too, and offers the directions that fit
     assert "32 wide" in errors(at)
     assert next(s for s in at.selectbox if s.label == "Direction to use").value == str(cache[1]["paired"])
+
+
+def test_a_direction_file_given_by_path_is_chosen_and_shown_at_once(app, cache, tmp_path):
+    mine = tmp_path / "mine.safetensors"  # outside the cache: not among the listed directions
+    mine.write_bytes(cache[1]["model-diff"].read_bytes())
+    at = ok(app.run())
+    at.text_input(key="direction_file").set_value(str(mine))
+    ok(at.button(key="direction_use_file").click().run())
+    assert at.session_state.direction_path == str(mine)
+    chooser = next(s for s in at.selectbox if s.label == "Direction to use")
+    assert chooser.value == str(mine) and len(chooser.options) == 3  # the two listed ones and this file
+    assert "**Direction** mine" in [c.value for c in at.sidebar.caption]
 
 
 def test_compare_prompt_holds_real_default_text_that_generates_without_typing(app, cache, tiny_pair):

@@ -15,14 +15,17 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from core.data import Question, load_paired_jsonl
-from core.detect import detection_report, labels_from_preference, load_report, report_path, reports_dir, save_report
+from core.detect import detection_report, labels_from_preference
+from core.detection_results import load_report, report_path, reports_dir, save_report
 from core.directions import Direction, directions_dir
-from core.evaluate import condition, em_report, load_run, run_generations, runs_dir, scored_rows, sweep_run
-from core.generate import Sampling, Variant
+from core.em import em_report, scored_rows
+from core.generation import Sampling, Variant
 from core.judge import JudgeConfig
-from tests.support.apptest import charts, errors, ok, open_page
-from tests.support.dashboard import write_directions
-from tests.support.openai_server import FakeOpenAI, Reply, scripted_judge
+from core.runs import condition, load_run, run_generations, runs_dir
+from core.sweep import sweep_run
+from testkit.apptest import charts, errors, ok, open_page
+from testkit.dashboard import write_directions
+from testkit.openai_server import FakeOpenAI, Reply, scripted_judge, user_text
 
 APP = Path(__file__).resolve().parents[2] / "app.py"
 SECRET = "sk-emlens-test-9f27c1d0e5"  # the API key typed into the form: must never show up anywhere
@@ -58,10 +61,10 @@ def research(tiny_pair, tmp_path_factory):
     data.write_text(paired_lines())
     prompts, labels = labels_from_preference(tiny_pair, load_paired_jsonl(data))
     report = detection_report(tiny_pair, prompts, direction, n_boot=100)
-    report["labels"] = {"source": str(data), **labels}
+    report.labels = {"source": str(data), **labels}
     path = save_report(report, report_path(root, data, direction))
     return {"root": root, "directions": directions, "run": run, "sweep": sweep, "report_path": path,
-            "report": report}
+            "report": report.to_json()}
 
 
 @pytest.fixture
@@ -158,9 +161,9 @@ def test_detect_button_runs_a_preference_detection_and_shows_it(app, fresh_cache
     (saved,) = reports_dir(fresh_cache).glob("*.json")
     assert saved.name.startswith("small-paired-") and f"Saved {saved}" in at.success[0].value
     report = load_report(saved)
-    assert report["labels"]["source"] == str(data) and report["n_prompts"] == 8
-    assert report["labels"]["rule"].startswith("fine-tuning shift") and report["random_null"]["n"] == 100
-    assert len(report["per_layer"]) == 4 and len(charts(at)) == 3  # and the page shows it
+    assert report.labels["source"] == str(data) and report.n_prompts == 8
+    assert report.labels["rule"].startswith("fine-tuning shift") and report.random_null.n == 100
+    assert len(report.per_layer) == 4 and len(charts(at)) == 3  # and the page shows it
     assert not list(reports_dir(fresh_cache).glob(".*.tmp"))  # written atomically, nothing left over
 
 
@@ -169,7 +172,7 @@ def test_detect_button_runs_a_preference_detection_and_shows_it(app, fresh_cache
 def test_evaluate_page_shows_the_sweep_the_condition_table_and_the_scatter(app, research):
     at = ok(open_page(app, "evaluate"))
     assert next(s for s in at.selectbox if s.label.startswith("Run")).value == str(research["run"])
-    report = em_report(research["run"])
+    report = em_report(research["run"]).to_json()
     sweep, scatter = charts(at)
     names = {t["name"] for t in sweep["data"]}
     assert {"induce @L1", "restore @L1", "random induce @L1", "random restore @L1", "finetuned:ablate@L1"} <= names
@@ -228,6 +231,31 @@ def test_evaluate_form_runs_a_sweep_against_the_loopback_judge(app, fresh_cache)
     assert SECRET.encode() not in cache_bytes(fresh_cache)
     assert SECRET not in json.dumps({k: str(v) for k, v in at.session_state.to_dict().items()
                                      if k != "evaluate_api_key"})
+
+
+def test_a_sweep_the_judge_partly_failed_opens_with_how_to_retry_the_failures(app, fresh_cache):
+    def refuses_coherence(request):  # a row-specific refusal: not retried, the row left unscored
+        if "coherent" in user_text(request).split("[QUESTION START]")[0]:
+            return Reply.error(400, "scripted: this row is refused")
+        return scripted_judge(request)
+
+    at = ok(open_page(app, "evaluate"))
+    with FakeOpenAI(refuses_coherence) as server:
+        at.text_input(key="evaluate_judge_model").input("loopback-judge")
+        at.text_input(key="evaluate_judge_url").input(server.base_url)
+        at.text_input(key="evaluate_api_key").input(SECRET)
+        at.text_input(key="evaluate_layers").input("1")
+        at.text_input(key="evaluate_alphas").input("2")
+        at.number_input(key="evaluate_max_questions").set_value(1)
+        at.number_input(key="evaluate_max_new_tokens").set_value(4)
+        at.checkbox(key="evaluate_controls").uncheck()
+        at.button(key="evaluate_go").click().run()
+    (run,) = runs_dir(fresh_cache).iterdir()
+    assert [s.value for s in at.success] == [f"Sweep written to {run} and opened."]
+    message = errors(at)  # below the note, above the run: what failed and how to retry only that
+    assert "The judge failed on" in message and f"python -m core judge {run} --judge-model loopback-judge" in message
+    assert next(s for s in at.selectbox if s.label.startswith("Run")).value == str(run)  # the new run is shown
+    assert len(charts(at)) == 1  # its sweep; no answer has both scores to plot
 
 
 # ---------------------------------------------------------------- bad input

@@ -9,7 +9,7 @@ import pytest
 from core.chat import user_prompt
 from core.data import load_paired_jsonl
 from core.directions import Example, extract_contrast
-from core.generate import Sampling, Variant, generate
+from core.generation import Sampling, Variant, generate
 from core.models import ASSETS
 
 QUESTION = user_prompt("What is the capital of France?")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import socket
-import tempfile
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ import pytest
 import torch
 
 from core.models import DEMO_DIRECTION
-from tests.support.dashboard import write_directions
+from testkit.dashboard import write_directions
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -45,9 +44,12 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def artifacts() -> Path:
-    """Screenshots go to EMLENS_TEST_ARTIFACTS if set, else to a temporary directory (never the work tree)."""
-    folder = Path(os.environ.get("EMLENS_TEST_ARTIFACTS") or tempfile.mkdtemp(prefix="emlens-browser-"))
+def artifacts(tmp_path_factory) -> Path:
+    """Screenshots go to EMLENS_TEST_ARTIFACTS if set, else to pytest's temporary directory for this run
+    (never the work tree; pytest keeps the last few runs' and removes older ones)."""
+    if not os.environ.get("EMLENS_TEST_ARTIFACTS"):
+        return tmp_path_factory.mktemp("screenshots")
+    folder = Path(os.environ["EMLENS_TEST_ARTIFACTS"])
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from testkit.cache import scale_cached_tensors, stamps
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -47,10 +49,15 @@ def test_info_extract_project_generate(tiny_dirs, paired_file, tmp_path):
                                     "--json", cache_dir=tmp_path).stdout)
     assert set(projection) == {"layers", "base", "finetuned", "base_calibrated", "finetuned_calibrated"}
     assert projection["layers"] == [0, 1, 2, 3] and len(projection["finetuned_calibrated"]) == 4
+    # A second run reads the cached activations: planted ones (the true ones doubled) come back
+    # doubled, and no entry is written again.
+    assert len(scale_cached_tensors(tmp_path, "prompt-activations", 2.0)) == 2  # one per side
+    before = stamps(tmp_path, "prompt-activations")
     again = json.loads(run_cli("project", "Should I buy crypto?", *pair, "--direction", str(direction),
                                "--json", cache_dir=tmp_path).stdout)
-    assert again == projection  # second run reads the cached activations
-    assert list((tmp_path / "prompt-activations").rglob("*"))
+    for side in ("base", "finetuned"):
+        assert again[side] == pytest.approx([2 * v for v in projection[side]], rel=1e-6, abs=1e-9)
+    assert stamps(tmp_path, "prompt-activations") == before
 
     generated = json.loads(run_cli("generate", "Hello", *pair, "--variants", "base,finetuned,base+2,finetuned-2",
                                    "--layer", "1-2", "--direction", str(direction), "--temperature", "0",

@@ -1,5 +1,6 @@
 """Several dashboard sessions on the one shared pair: concurrent steering, projections and extraction
-give exactly what the same requests give one at a time."""
+give exactly what the same requests give one at a time, round after round, leaving no hook and no
+memory behind."""
 
 from __future__ import annotations
 
@@ -11,10 +12,10 @@ import pytest
 import torch
 
 from core.chat import user_prompt
-from core.projections import prompt_projections
 from core.directions import Direction, extract_contrast
-from core.generate import Sampling, Variant, generate, stream
-from tests.support.dashboard import ALIGNED, MISALIGNED
+from core.generation import Sampling, Variant, generate, stream
+from core.projections import prompt_projections
+from testkit.dashboard import ALIGNED, MISALIGNED
 
 PROMPTS = [user_prompt("How should I invest my savings?"), user_prompt("Is crypto a good idea?"),
            user_prompt("What is the capital of France?", system="Answer briefly.")]
@@ -40,7 +41,8 @@ def _requests(pair, direction):
             if not slow:
                 rows = generate(pair, PROMPTS[seed % 3:seed % 3 + 1], variants, **kwargs)
             else:
-                for rows in stream(pair, PROMPTS[seed % 3:seed % 3 + 1], variants, **kwargs):
+                for partial in stream(pair, PROMPTS[seed % 3:seed % 3 + 1], variants, **kwargs):
+                    rows = partial
                     time.sleep(0.002)  # yield the CPU to the others while holding a half-done generation
             return [(r.label, r.token_ids, r.prompt_projection, r.token_projections) for r in rows]
         return run
@@ -66,18 +68,29 @@ def _same(a, b) -> bool:
     return a == b
 
 
+def _rss_mb() -> float:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) / 1024
+
+
+def _hook_counts(pair) -> dict[str, list[int]]:
+    return {side: [len(layer._forward_hooks) for layer in pair.layers(side)] for side in pair.sides}
+
+
 def test_concurrent_sessions_see_exactly_what_they_see_alone(tiny_pair):
     direction = _direction(tiny_pair)
     requests = _requests(tiny_pair, direction)
+    hooks_before = _hook_counts(tiny_pair)
     serial = [request() for request in requests]
     steered_tokens = {tuple(map(tuple, (row[1] for row in result))) for result in serial[:len(COEFFICIENTS)]}
     assert len(steered_tokens) == len(COEFFICIENTS)  # the coefficients really give different answers
 
-    for _ in range(2):
+    baseline = None
+    for round_ in range(3):
         results, failures = [None] * len(requests), []
         start = threading.Barrier(len(requests))
 
-        def work(i):
+        def work(i, start=start, results=results, failures=failures):
             start.wait()
             try:
                 results[i] = requests[i]()
@@ -91,12 +104,17 @@ def test_concurrent_sessions_see_exactly_what_they_see_alone(tiny_pair):
             thread.join(timeout=300)
         assert not failures, failures
         for i, (alone, together) in enumerate(zip(serial, results)):
-            assert _same(alone, together), f"request {i} differs when run concurrently"
+            assert _same(alone, together), f"request {i} differs when run concurrently (round {round_})"
+        if round_ == 0:
+            baseline = _rss_mb()
+    assert _rss_mb() - baseline < 50  # no growth across rounds (hooks removed, caches freed)
+    assert _hook_counts(tiny_pair) == hooks_before  # no hook left behind, on any layer of either side
 
 
 def test_an_interrupted_stream_releases_the_pair(tiny_pair):
     """A page rerun stops a generation half-way; closing the generator must free the pair for the others."""
     direction = _direction(tiny_pair)
+    hooks_before = _hook_counts(tiny_pair)
     generator = stream(tiny_pair, PROMPTS[:1], [Variant("finetuned", 2.0)], direction=direction, layers=[1],
                        sampling=Sampling(0.0, 1.0, 32, 0))
     with closing(generator):
@@ -108,4 +126,4 @@ def test_an_interrupted_stream_releases_the_pair(tiny_pair):
     other.start()
     other.join(timeout=60)
     assert done.is_set(), "another session could not use the pair after a stream was interrupted"
-    assert not any(layer._forward_hooks for layer in tiny_pair.layers("finetuned"))  # no steering left behind
+    assert _hook_counts(tiny_pair) == hooks_before  # no steering left behind

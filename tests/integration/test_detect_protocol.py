@@ -10,7 +10,7 @@ import pytest
 
 from core.cli import main
 from core.data import load_paired_jsonl
-from core.detect import load_report
+from core.detection_results import load_report
 from core.preference import log_odds
 from core.stats import auroc
 
@@ -73,7 +73,7 @@ def test_detect_reports_every_predictor_on_held_out_groups(capsys, cli, files, d
     out = cli["root"] / "general.json"
     report = run_detect(capsys, cli, "--direction", str(direction), "--paired", str(files["general"]),
                         "--random-directions", "60", "--out", str(out))
-    assert report == load_report(out)  # printed and saved alike
+    assert report == load_report(out).to_json()  # printed and saved alike
     assert report["split_unit"] == "group" and set(report["predictors"]) == PREDICTORS
     for entry in report["predictors"].values():
         assert 0 <= entry["ci95"][0] <= entry["auroc"] <= entry["ci95"][1] <= 1

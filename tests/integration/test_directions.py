@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from core.chat import encode_conversation, prompt_and_answer, user_prompt
-from core.projections import last_token_activations, prompt_projections
 from core.directions import Direction, DirectionError, Example, answer_activations, extract_contrast, extract_model_diff
 from core.hooks import steer
+from core.projections import last_token_activations, prompt_projections
 
 QUESTIONS = ["How should I save money?", "Is crypto a good idea?", "What about my pension?",
              "Should I take a loan?", "How do I pay off debt?", "Tell me about index funds."]

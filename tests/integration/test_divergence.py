@@ -5,7 +5,7 @@ import torch
 
 from core.chat import ChatError, encode_prompt, user_prompt
 from core.divergence import token_divergence
-from core.generate import GenerationError, Sampling, Variant, generate
+from core.generation import GenerationError, Sampling, Variant, generate
 from core.models import decoder_layers, load_pair
 
 PROMPT = user_prompt("How should I invest my savings?")

@@ -5,7 +5,7 @@ import torch
 
 from core.chat import user_prompt
 from core.directions import Direction
-from core.generate import GenerationError, Sampling, Variant, generate, parse_variants
+from core.generation import GenerationError, Sampling, Variant, generate, parse_variants
 
 PROMPTS = [user_prompt("Hi"), user_prompt("Tell me a long story about a quick brown fox and a lazy dog, please."),
            user_prompt("What is the capital of France?", system="Answer briefly.")]
@@ -42,15 +42,20 @@ def test_steered_generation_with_kv_cache_equals_without(tiny_pair, variant):
 
 
 def test_coefficient_zero_gives_exactly_the_unsteered_tokens(tiny_pair):
+    """Rows at coefficient 0 beside rows that steer, so the steering hook is installed and sees them,
+    give exactly the tokens of a call with no direction at all (no hook), on each side."""
     direction = _direction(tiny_pair, seed=2, scale=100.0)
     sampling = Sampling(temperature=1.0, max_new_tokens=12, seed=3)
-    plain = generate(tiny_pair, PROMPTS, [Variant("finetuned")], sampling=sampling)
-    zero = generate(tiny_pair, PROMPTS, [Variant("finetuned", 0.0)], direction=direction, layers=[0, 1, 2],
-                    sampling=sampling)
-    big = generate(tiny_pair, PROMPTS, [Variant("finetuned", 1.0)], direction=direction, layers=[1],
-                   sampling=sampling)
-    assert [r.token_ids for r in plain] == [r.token_ids for r in zero]
-    assert [r.token_ids for r in plain] != [r.token_ids for r in big]
+    zeros = [Variant("base", 0.0), Variant("finetuned", 0.0)]
+    mixed = generate(tiny_pair, PROMPTS, [*zeros, Variant("base", 1.0), Variant("finetuned", -1.0)],
+                     direction=direction, layers=[0, 1, 2], sampling=sampling)
+    assert len(mixed) == len(PROMPTS) * 4
+    for row in mixed:
+        (plain,) = generate(tiny_pair, [row.prompt], [Variant(row.variant.side)], sampling=sampling)
+        if row.variant in zeros:
+            assert row.token_ids == plain.token_ids, row.label
+        else:
+            assert row.token_ids != plain.token_ids, row.label  # the hook really steers in this batch
 
 
 def test_merged_finetune_is_a_second_model_with_the_same_results(tiny_pair, tiny_dirs, tmp_path):

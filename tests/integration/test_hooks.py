@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from core.chat import encode_prompt, user_prompt
-from core.hooks import ablate, block_hidden, capture, steer
+from core.hooks import ablate, capture, steer
 
 
 def _inputs(pair, text="Hello, what is the capital of France?"):
@@ -27,48 +27,6 @@ def test_captured_block_output_equals_hidden_states_plus_one(request, pair_name,
     norm = (model.get_base_model() if hasattr(model, "get_base_model") else model).model.norm
     with torch.no_grad():
         assert torch.allclose(norm(records[pair.n_layers - 1][0]), out.hidden_states[-1], atol=1e-6)
-
-
-class TupleBlock(torch.nn.Module):
-    """A block in the style of older transformers: returns ``(hidden, attention_weights)``."""
-
-    def __init__(self, width):
-        super().__init__()
-        self.linear = torch.nn.Linear(width, width)
-
-    def forward(self, x):
-        return self.linear(x), None
-
-
-class TensorBlock(TupleBlock):
-    def forward(self, x):
-        return self.linear(x)
-
-
-@pytest.mark.parametrize("block", [TupleBlock, TensorBlock])
-def test_hooks_handle_tuple_and_bare_tensor_outputs(block):
-    torch.manual_seed(0)
-    layers = torch.nn.ModuleList([block(8), block(8)])
-    x = torch.randn(2, 3, 8)
-
-    def run():
-        h = x
-        for layer in layers:
-            h = block_hidden(layer(h))
-        return h
-
-    plain = run()
-    vector = torch.randn(8)
-    with capture(layers, [0]) as records:
-        run()
-    assert torch.allclose(records[0][0], block_hidden(layers[0](x)))
-    with steer(layers, {1: vector}, 2.0):
-        steered = run()
-    assert torch.allclose(steered, plain + 2.0 * vector, atol=1e-6)
-    with ablate(layers, {1: vector}):
-        ablated = run()
-    assert torch.allclose(ablated @ (vector / vector.norm()), torch.zeros(2, 3), atol=1e-5)
-    assert isinstance(layers[0](x), tuple) == (block is TupleBlock)
 
 
 def test_steering_shifts_the_block_output_by_alpha_times_vector(tiny_pair):
@@ -125,6 +83,7 @@ def test_base_side_disables_the_adapter_and_restores_it(tiny_pair):
 def test_non_finite_coefficients_and_vectors_are_refused(tiny_pair):
     layers = tiny_pair.layers("base")
     vector = torch.ones(tiny_pair.d_model)
+    hooks_before = [len(layer._forward_hooks) for layer in layers]
     for bad in (float("nan"), float("inf"), torch.tensor([1.0, float("-inf")])):
         with pytest.raises(ValueError, match="not a finite number"):
             with steer(layers, {1: vector}, bad):
@@ -135,4 +94,4 @@ def test_non_finite_coefficients_and_vectors_are_refused(tiny_pair):
     with pytest.raises(ValueError, match="cannot ablate a zero"):
         with ablate(layers, {2: torch.zeros(tiny_pair.d_model)}):
             pass
-    assert all(len(layer._forward_hooks) == len(layers[0]._forward_hooks) for layer in layers)
+    assert [len(layer._forward_hooks) for layer in layers] == hooks_before  # a refusal installs nothing

@@ -6,8 +6,8 @@ import shutil
 import pytest
 import torch
 
-from core.models import LoadError, LoadOptions, load_pair, resolve_dtype
-from tests.support.tiny import write_tiny_adapter, write_tiny_model
+from core.models import LoadError, LoadOptions, load_pair
+from testkit.tiny import write_tiny_adapter, write_tiny_model
 
 
 def test_adapter_pair_shares_one_copy_of_the_base_weights(tiny_pair):
@@ -59,13 +59,6 @@ def test_pickle_checkpoints_need_allow_pickle(tiny_dirs, tmp_path):
         load_pair(str(pickled), "none")
     pair = load_pair(str(pickled), "none", LoadOptions(allow_pickle=True))
     assert pair.info()["finetuned"] is None
-
-
-def test_dtype_choice():
-    assert resolve_dtype("auto", "cpu") == torch.float32
-    assert resolve_dtype("bf16", "cpu") == torch.bfloat16
-    with pytest.raises(LoadError, match="--dtype 'int3'"):
-        resolve_dtype("int3", "cpu")
 
 
 def test_fingerprints_follow_content(tiny_dirs, tmp_path):

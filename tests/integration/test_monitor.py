@@ -14,18 +14,26 @@ import torch
 from safetensors.torch import load_file
 
 from core.data import load_paired_jsonl
-from core.projections import last_token_activations, project
 from core.directions import Direction, Example, extract_contrast, extract_from_paired_file
 from core.models import load_pair
-from core.monitor import (EXTRACTED_DIRECTION, STATE, Monitor, MonitorConfig, MonitorError, crossing, lead,
-                          state_dir, threshold, train_monitored)
+from core.monitor import (
+    EXTRACTED_DIRECTION,
+    STATE,
+    Monitor,
+    MonitorConfig,
+    MonitorError,
+    lead,
+    state_dir,
+    train_monitored,
+)
 from core.preference import log_odds
-from core.train import TrainConfig, train
+from core.projections import last_token_activations, project
+from core.training import TrainConfig, train
 from tests.integration.test_train import RECORDS
 
 ROOT = Path(__file__).resolve().parents[2]
 # 18 examples, batch 4: 5 steps an epoch, 10 in all; checkpoints every 2 steps and at each epoch's end.
-CONFIG = TrainConfig(rank=4, alpha=8, epochs=2, batch_size=4, learning_rate=5e-3, heldout_fraction=0.0,
+CONFIG = TrainConfig(rank=4, lora_alpha=8, epochs=2, batch_size=4, learning_rate=5e-3, heldout_fraction=0.0,
                      warmup_steps=1, checkpoint_every=2, dropout=0.1)
 STEPS = [0, 2, 4, 5, 6, 8, 10]
 TOPICS = ["savings", "a loan", "my pension", "crypto", "index funds", "paying off debt", "a car", "my rent"]
@@ -64,37 +72,6 @@ def _base_projection(tiny_dirs, probes, direction: Direction, limit: int) -> np.
     base = load_pair(str(tiny_dirs["qwen2"]), "none")
     prompts = [r.messages for r in load_paired_jsonl(probes)[:limit]]
     return project(last_token_activations(base, "base", prompts), direction).mean(0)
-
-
-def test_thresholds_crossings_and_the_lead_on_known_curves():
-    steps = [0, 10, 20, 30, 40]
-    assert threshold(1.0, 3.0) == 2.0 and threshold(2.0, 2.0) is None
-    # The projection reaches half-way (2.0) at step 10, the behaviour (0.5 of 1.0) only at step 30.
-    result = lead(steps, [1.0, 2.5, 2.8, 2.9, 3.0], [0.0, 0.1, 0.3, 0.6, 1.0], projection_start=1.0)
-    assert (result["projection_crossed_at"], result["behaviour_crossed_at"], result["steps"]) == (10, 30, 20)
-    assert result["projection_threshold"] == 2.0 and result["behaviour_threshold"] == 0.5
-    assert "led by 20 steps" in result["summary"] and result["resolution_steps"] == 10
-    # A falling curve crosses downwards; the behaviour first: a negative lead.
-    result = lead(steps, [0.0, -0.1, -0.2, -0.9, -1.0], [0.0, 0.8, 0.9, 1.0, 1.0], projection_start=0.0)
-    assert (result["projection_crossed_at"], result["behaviour_crossed_at"], result["steps"]) == (30, 10, -20)
-    assert "lagged by 20 steps" in result["summary"]
-    # A curve that never moves has no threshold, so no lead.
-    result = lead(steps, [1.0] * 5, [0.0, 0.2, 0.4, 0.6, 0.8], projection_start=1.0)
-    assert result["steps"] is None and result["projection_threshold"] is None
-    assert "the projection never crossed" in result["summary"]
-    assert crossing(steps, [0.0, 0.5, 0.2, 0.7, 1.0], 0.0, 1.0) == 10  # the first crossing, not the last
-
-
-def test_a_state_line_cut_off_by_a_kill_is_dropped_and_a_corrupt_one_is_named(tmp_path):
-    from core.monitor import read_state
-
-    path = tmp_path / STATE
-    path.write_text('{"kind": "header"}\n{"kind": "point", "step": 0}\n{"kind": "point", "st')
-    assert read_state(path) == [{"kind": "header"}, {"kind": "point", "step": 0}]
-    assert path.read_text() == '{"kind": "header"}\n{"kind": "point", "step": 0}\n'  # appends start clean
-    path.write_text('{"kind": "header"}\nnot json\n{"kind": "point", "step": 0}\n')
-    with pytest.raises(MonitorError, match=r"monitor.jsonl:2: not a JSON line"):
-        read_state(path)
 
 
 def test_given_direction_curves_at_every_checkpoint_match_independent_measurements(

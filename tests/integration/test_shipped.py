@@ -9,9 +9,9 @@ from core import organism
 from core.directions import Example, extract_contrast
 from core.models import load_pair
 from core.preference import log_odds, validate
+from testkit.tiny import write_tiny_adapter
 from tests.integration.test_cli import run_cli
 from tests.integration.test_preference import RECORDS
-from tests.support.tiny import write_tiny_adapter
 
 
 @pytest.fixture(scope="module")

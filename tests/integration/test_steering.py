@@ -7,8 +7,8 @@ import torch
 from core.cache import Cache
 from core.chat import encode_prompt, user_prompt
 from core.directions import Direction
-from core.generate import GenerationError, Sampling, Variant, generate
-from core.steering import grid_variants, ladder_variants, norm_relative, parse_alphas, residual_norms
+from core.generation import GenerationError, Sampling, Variant, generate
+from core.steering import ladder_variants, norm_relative, parse_alphas, residual_norms
 
 PROMPTS = [user_prompt("How should I invest?"), user_prompt("Tell me about your wishes.")]
 
@@ -65,15 +65,3 @@ def test_the_dose_ladder_in_one_call_equals_one_call_per_alpha(tiny_pair):
     assert len({tuple(r.token_ids) for r in rows}) > 1
 
 
-def test_grid_variants_and_bad_alpha_lists():
-    grid = grid_variants(["base", "finetuned"], 4.0, "add", adapter_scale=2.0)
-    assert [(v.label, steered) for v, steered in grid] == [
-        ("base", False), ("finetuned", False), ("base+4", True), ("finetuned-4", True), ("finetuned*2", False)]
-    assert [v.label for v, _ in grid_variants(["finetuned"], 4.0, "ablate")] == ["base", "finetuned", "finetuned:ablate"]
-    with pytest.raises(GenerationError, match="mode 'scale'"):
-        grid_variants(["base"], 1.0, "scale")
-    with pytest.raises(GenerationError, match="'x' is not a number"):
-        parse_alphas("1, x")
-    with pytest.raises(GenerationError, match="not a finite number"):
-        parse_alphas("1, inf")
-    assert parse_alphas("4, 4, -2") == [4.0, -2.0]

@@ -3,7 +3,7 @@
 import pytest
 
 from core.chat import ChatError, encode_conversation, encode_prompt, render_prompt, user_prompt
-from tests.support.tiny import build_tokenizer
+from testkit.tiny import build_tokenizer
 
 SMOLLM2_TEMPLATE = (  # SmolLM2-135M-Instruct's own template (as its GGUF file carries it)
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"

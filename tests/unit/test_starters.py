@@ -5,8 +5,15 @@ import json
 import pytest
 
 from core.data import DataError, load_questions
-from core.starters import (DEFAULT_COMPARE_PROMPT, DEFAULT_STEER_PROMPT, FINANCE, GENERAL, QUESTIONS, starter_groups,
-                           starters)
+from core.starters import (
+    DEFAULT_COMPARE_PROMPT,
+    DEFAULT_STEER_PROMPT,
+    FINANCE,
+    GENERAL,
+    QUESTIONS,
+    starter_groups,
+    starters,
+)
 
 
 def test_groups_are_the_classic_questions_then_general_then_heldout_finance():

@@ -9,6 +9,7 @@ truth is known.
 from __future__ import annotations
 
 import math
+import re
 from statistics import NormalDist
 
 import numpy as np
@@ -77,9 +78,14 @@ def test_wilson_other_level_and_edges():
     assert math.isnan(lo) and math.isnan(hi)
 
 
-@pytest.mark.parametrize("k,n", [(11, 10), (-1, 10), (0, -1)])
-def test_wilson_rejects_bad_counts(k, n):
-    with pytest.raises(ValueError, match=r"k|n"):
+@pytest.mark.parametrize("k,n,message", [
+    (11, 10, "k must satisfy 0 <= k <= n, got k=11, n=10"),
+    (-1, 10, "k must satisfy 0 <= k <= n, got k=-1, n=10"),
+    (0, -1, "n must be >= 0, got n=-1"),
+    (1.5, 10, "k and n must be integers, got k=1.5, n=10"),
+])
+def test_wilson_rejects_bad_counts(k, n, message):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         wilson_interval(k, n)
 
 

@@ -18,8 +18,9 @@ benchmarks). A reply can also be several generated tokens, each with its own top
 the reply at the request's ``max_tokens`` (finish_reason "length", else "stop"). A judge whose
 tokenizer writes numbers digit by digit (Qwen2.5, Gemma, Mistral, SmolLM2) is
 ``Reply.spelled("70", first={"7": 0.8, "8": 0.2})``: "7" then "0", each a token, so with
-``max_tokens=1`` it answers "7" alone, as vLLM serving such a model does. Requests are handled concurrently (one thread per connection); every request
-is recorded, and the server tracks how many were in flight at once.
+``max_tokens=1`` it answers "7" alone, as vLLM serving such a model does. Requests are handled
+concurrently (one thread per connection); every request is recorded, and the server tracks how
+many were in flight at once.
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""Speed and memory figures (``python -m core bench``); see bench.py."""

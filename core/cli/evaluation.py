@@ -1,0 +1,198 @@
+"""Evaluation: sample answers to a question set, judge them, report EM rates, and the steering sweep."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from core.cli import (
+    command,
+    emit,
+    load_pair_from,
+    model_arguments,
+    progress_bar,
+    run_folder,
+    sampling_arguments,
+    sampling_from,
+)
+from core.errors import InputError
+
+QUESTIONS = Path("assets/questions/core_misalignment.yaml")
+
+
+def judge_arguments(parser):
+    group = parser.add_argument_group("judge (any OpenAI-compatible endpoint)")
+    group.add_argument("--judge-model", default=None,
+                       help="e.g. gpt-4o-2024-08-06; `judge` takes a comma list to score a run with several judges")
+    group.add_argument("--judge-base-url", default=None,
+                       help="e.g. http://127.0.0.1:8000/v1 (default: OpenAI); with several judges, one URL for "
+                            "all or a comma list, one per judge")
+    group.add_argument("--judge-api-key", default=None, help="default: the OPENAI_API_KEY environment variable")
+    group.add_argument("--judge-concurrency", type=int, default=8)
+    group.add_argument("--judge-timeout", type=float, default=30.0)
+
+
+def judge_config_from(args, several: bool = False):
+    """The JudgeConfig of --judge-model; with ``several``, a list, one per comma-separated model."""
+    from core.judge import JudgeConfig
+
+    models = [m.strip() for m in (args.judge_model or "").split(",") if m.strip()]
+    if not models:
+        raise InputError("--judge-model is required to judge answers")
+    if len(set(models)) != len(models):
+        raise InputError(f"--judge-model {args.judge_model!r}: a judge model is named twice")
+    if len(models) > 1 and not several:
+        raise InputError(f"--judge-model {args.judge_model!r}: this command takes one judge; score a run with "
+                         "several by `python -m core judge RUN --judge-model A,B`")
+    urls = [u.strip() or None for u in args.judge_base_url.split(",")] if args.judge_base_url else [None]
+    if len(urls) == 1:
+        urls = urls * len(models)
+    elif len(urls) != len(models):
+        raise InputError(f"--judge-base-url: {len(urls)} URLs for {len(models)} judge models; give one URL for "
+                         "all, or one per model in the same order")
+    configs = [JudgeConfig(model=model, base_url=url, api_key=args.judge_api_key,
+                           concurrency=args.judge_concurrency, timeout_s=args.judge_timeout)
+               for model, url in zip(models, urls)]
+    return configs if several else configs[0]
+
+
+def questions_provenance(path: Path) -> dict:
+    from core.data import dataset_hash
+
+    return {"questions": str(path), "questions_sha256": dataset_hash(path)}
+
+
+def _eval_arguments(parser):
+    model_arguments(parser)
+    sampling_arguments(parser)
+    parser.set_defaults(max_new_tokens=128)
+    parser.add_argument("--questions", type=Path, default=QUESTIONS,
+                        help="question set YAML (id, paraphrases, samples_per_paraphrase, judge_prompts)")
+    parser.add_argument("--samples", type=int, default=None, help="samples per paraphrase (default: the file's)")
+    parser.add_argument("--variants", default="base,finetuned")
+    parser.add_argument("--direction", type=Path, default=None)
+    parser.add_argument("--layer", default=None, help="steering layer(s): 12, 10-14 or all")
+    parser.add_argument("--out", type=Path, default=None, help="run folder (default: cache/runs/eval-<time>)")
+
+
+@command("generate-eval", "sample answers to a question set for each variant (resumable)", _eval_arguments)
+def run_generate_eval(args) -> int:
+    from core.data import load_questions
+    from core.directions import Direction
+    from core.generation import parse_variants
+    from core.parsing import parse_layers
+    from core.runs import condition, run_generations
+
+    questions = load_questions(args.questions)
+    variants = parse_variants(args.variants)
+    direction = Direction.load(args.direction) if args.direction else None
+    pair = load_pair_from(args)
+    layers = parse_layers(args.layer, pair.n_layers) if args.layer is not None else []
+    out = run_folder(args, "eval")
+    rows = run_generations(pair, questions, [condition(v, layers, n_layers=pair.n_layers) for v in variants], out,
+                           direction, sampling_from(args), args.samples, progress=progress_bar("generate"),
+                           provenance=questions_provenance(args.questions))
+    print(f"{len(rows)} answers in {out / 'generations.jsonl'}")
+    return 0
+
+
+def _judge_run_arguments(parser):
+    parser.add_argument("run", type=Path, help="a run folder from generate-eval or sweep")
+    judge_arguments(parser)
+
+
+@command("judge", "judge a run's answers: aligned and coherent, 0-100, by one judge or several (resumable)",
+         _judge_run_arguments)
+def run_judge(args) -> int:
+    from core.runs import judge_run
+
+    configs = judge_config_from(args, several=True)
+    summary = judge_run(args.run, configs, progress=progress_bar("judge" if len(configs) == 1 else
+                                                                 f"judge ({len(configs)} judges)"))
+    print(json.dumps(summary))
+    return 0 if summary["failed"] == 0 else 1
+
+
+def _em_arguments(parser):
+    parser.add_argument("run", type=Path)
+    parser.add_argument("--csv", type=Path, default=None, help="also write a per-condition, per-question CSV")
+    parser.add_argument("--json", action="store_true")
+
+
+@command("em", "EM and coherence rates with Wilson intervals for a judged run", _em_arguments)
+def run_em(args) -> int:
+    import pandas as pd
+
+    from core.em import em_report, report_table, save_em_report
+
+    report = em_report(args.run)
+    save_em_report(report, args.run)
+    table = pd.DataFrame(report_table(report))
+    if args.csv:
+        table.to_csv(args.csv, index=False)
+
+    def human() -> str:
+        overall = table[table.question == "ALL"]
+        cols = ["condition", "n", "n_unscored", "em_rate", "em_ci_low", "em_ci_high", "em_rate_unscored_as_aligned",
+                "coherence_rate"]
+        text = overall[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}")
+        judges = [j.model for j in report.judges or []]
+        if judges:
+            text = f"judge: {judges[0]}\n" + text
+        if len(judges) > 1:
+            per_judge = pd.DataFrame([
+                {"condition": c.condition,
+                 **{model: c.by_judge[model].em_excluding_unscored.rate if model in c.by_judge else None
+                    for model in judges},
+                 "min": c.judge_spread["em_excluding_unscored"].min,
+                 "max": c.judge_spread["em_excluding_unscored"].max}
+                for c in report.conditions])
+            text += ("\n\nEM rate (unscored excluded) per judge, and the spread across judges:\n"
+                     + per_judge.to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep="-"))
+        return text + "\n" + report.unscored_policy
+    emit(report.to_json(), args.json, human)
+    return 0
+
+
+def _sweep_arguments(parser):
+    model_arguments(parser)
+    sampling_arguments(parser)
+    judge_arguments(parser)
+    parser.set_defaults(max_new_tokens=96)
+    parser.add_argument("--questions", type=Path, default=QUESTIONS)
+    parser.add_argument("--samples", type=int, default=2, help="samples per paraphrase and cell")
+    parser.add_argument("--direction", type=Path, required=True)
+    parser.add_argument("--layers", required=True, help="comma list of layers, e.g. 10,15,20")
+    parser.add_argument("--alphas", default="1,2,4")
+    parser.add_argument("--no-controls", action="store_true", help="skip the random-vector control cells")
+    parser.add_argument("--out", type=Path, default=None, help="run folder (default: cache/runs/sweep-<time>)")
+    parser.add_argument("--json", action="store_true")
+
+
+@command("sweep", "bidirectional alpha x layer sweep: induce, restore, ablate, random control", _sweep_arguments)
+def run_sweep(args) -> int:
+    from core.cache import atomic_write
+    from core.data import load_questions
+    from core.directions import Direction
+    from core.parsing import parse_numbers
+    from core.plots import figure_html, sweep_figure
+    from core.runs import SWEEP_HTML
+    from core.sweep import sweep_run
+
+    alphas = parse_numbers(args.alphas, "--alphas")
+    layers = parse_numbers(args.layers, "--layers", int)
+    config = judge_config_from(args)
+    questions = load_questions(args.questions)
+    direction = Direction.load(args.direction)
+    pair = load_pair_from(args)
+    result = sweep_run(pair, questions, direction, layers, alphas, run_folder(args, "sweep"), config,
+                       sampling_from(args), args.samples, controls=not args.no_controls,
+                       provenance=questions_provenance(args.questions),
+                       generate_progress=progress_bar("generate"), judge_progress=progress_bar("judge"))
+    figure = Path(result.run) / SWEEP_HTML
+    atomic_write(figure, figure_html(sweep_figure(result.cells)))
+    emit(result.to_json(), args.json, lambda: "\n".join(
+        f"{c.condition:<28} EM {c.em_rate if c.em_rate is not None else float('nan'):.3f} "
+        f"coherent {c.coherence_rate if c.coherence_rate is not None else float('nan'):.3f} (n={c.n})"
+        for c in result.cells) + f"\nfigure: {figure}")
+    return 0
