@@ -28,6 +28,8 @@ from core.starters import starters
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
+
+
 def cache_root() -> Path:
     # Read at call time, not import time, so a test (or a user) can point the app elsewhere.
     return Path(os.environ.get("EMLENS_CACHE") or DEFAULT_ROOT)
@@ -60,6 +62,7 @@ def guard():
 
 # ---------------------------------------------------------------- the session's state
 
+
 def session_defaults() -> dict:
     """Every key the dashboard keeps in ``st.session_state`` besides its widgets' values, with its default.
 
@@ -84,9 +87,14 @@ def init_session() -> None:
 
 # ---------------------------------------------------------------- the pair
 
+
 def default_spec() -> dict:
-    return {"base": os.environ.get("EMLENS_BASE", "default"),
-            "finetuned": os.environ.get("EMLENS_FINETUNED", "default"), "device": "auto", "dtype": "auto"}
+    return {
+        "base": os.environ.get("EMLENS_BASE", "default"),
+        "finetuned": os.environ.get("EMLENS_FINETUNED", "default"),
+        "device": "auto",
+        "dtype": "auto",
+    }
 
 
 def _load(spec: dict) -> ModelPair:
@@ -170,6 +178,7 @@ def require_pair() -> ModelPair:
 
 # ---------------------------------------------------------------- the direction
 
+
 def current_direction(pair: ModelPair) -> Direction | None:
     """The session's direction (by default the first of ``directions_for(pair)``); raises DirectionError."""
     path = st.session_state.direction_path
@@ -218,6 +227,7 @@ def provenance_row(path: Path | str, direction: Direction) -> dict:
 
 # ---------------------------------------------------------------- prompts and answers
 
+
 def prompt_messages(prompt: str, system: str = "") -> list[dict]:
     if not prompt.strip():
         raise ChatError("The prompt is empty: type a question first.")
@@ -235,9 +245,15 @@ def example_picker(key_prefix: str) -> None:
         if chosen is not None:
             st.session_state[f"{key_prefix}_prompt"] = chosen
 
-    st.selectbox("Start from an example", list(labels), index=None, key=f"{key_prefix}_example", on_change=fill,
-                 placeholder="Classic EM questions, high-risk general questions, held-out finance questions",
-                 format_func=lambda text: f"{labels[text]}: {text if len(text) <= 90 else text[:87] + '...'}")
+    st.selectbox(
+        "Start from an example",
+        list(labels),
+        index=None,
+        key=f"{key_prefix}_example",
+        on_change=fill,
+        placeholder="Classic EM questions, high-risk general questions, held-out finance questions",
+        format_func=lambda text: f"{labels[text]}: {text if len(text) <= 90 else text[:87] + '...'}",
+    )
 
 
 def prompt_area(key_prefix: str, default: str, label: str = "Prompt", **text_area_args) -> str:
@@ -284,15 +300,19 @@ def job_caption(what: str) -> None:
     """Say which pair and direction a job on this page will run on, then what it does."""
     spec = st.session_state.pair_spec
     chosen = st.session_state.direction_path
-    st.caption(f"Pair **{spec['base']} → {spec['finetuned']}**, direction "
-               f"**{Path(chosen).stem if chosen else 'the newest cached one that fits'}**. {what}")
+    st.caption(
+        f"Pair **{spec['base']} → {spec['finetuned']}**, direction "
+        f"**{Path(chosen).stem if chosen else 'the newest cached one that fits'}**. {what}"
+    )
 
 
 def progress_callback(bar, what: str, start: float = 0.0, end: float = 1.0):
     """A core progress callback ``(done, total)`` that moves ``bar`` (an ``st.progress``) from start to end."""
+
     def update(done: int, total: int) -> None:
         fraction = done / total if total else 1.0
         bar.progress(min(1.0, start + (end - start) * fraction), text=f"{what}: {done} / {total}")
+
     return update
 
 
@@ -306,6 +326,7 @@ def sidebar_status() -> None:
 
 
 # ---------------------------------------------------------------- training view (a training card's monitor curves)
+
 
 def training_view(run_card, key: str = "training_view") -> None:
     """Show a training card's monitor curves: the prompt-stage projection and the preference shift against the
@@ -321,19 +342,23 @@ def training_view(run_card, key: str = "training_view") -> None:
     with guard():
         card = run_card if isinstance(run_card, dict) else load_training_card(run_card)
         if "monitor" not in card:
-            st.info("This adapter was trained without the monitor. Train with `python -m core train --data ... "
-                    "--out ... --monitor PROBES.jsonl` (a paired JSONL; optionally `--monitor-direction FILE`) "
-                    "to record the projection and preference-shift curves at every checkpoint.")
+            st.info(
+                "This adapter was trained without the monitor. Train with `python -m core train --data ... "
+                "--out ... --monitor PROBES.jsonl` (a paired JSONL; optionally `--monitor-direction FILE`) "
+                "to record the projection and preference-shift curves at every checkpoint."
+            )
             return
         monitor = check_section(card["monitor"])
-        normalised = st.toggle("Normalise both curves to 0 (step 0) … 1 (final value)", value=True,
-                               key=f"{key}_normalised")
+        normalised = st.toggle(
+            "Normalise both curves to 0 (step 0) … 1 (final value)", value=True, key=f"{key}_normalised"
+        )
         st.plotly_chart(plots.training_monitor_figure(monitor, normalised=normalised), key=f"{key}_chart")
         lead, projection, shift = monitor["lead"], monitor["projection"], monitor["preference_shift"]
         st.markdown(f"**Lead.** {lead['summary']}")
 
         def fmt(value):
             return "—" if value is None else f"{value:.4f}"
+
         direction, probes = projection.get("direction") or {}, monitor.get("probes", {})
         st.caption(
             f"**Thresholds**: projection {fmt(projection['threshold'])}, preference shift {fmt(shift['threshold'])} "
@@ -343,7 +368,8 @@ def training_view(run_card, key: str = "training_view") -> None:
             f"({direction.get('file', '')}, fingerprint {direction.get('fingerprint', '?')}).  \n"
             f"**Preference shift**: {shift.get('method', '')}.  \n"
             f"**Probes**: {probes.get('n', '?')} records of {probes.get('file', '?')}."
-            + (f"  \n{monitor['first_step_note']}" if monitor.get("first_step_note") else ""))
+            + (f"  \n{monitor['first_step_note']}" if monitor.get("first_step_note") else "")
+        )
         rows = {"step": monitor["steps"], "projection": projection["values"]}
         if projection.get("calibrated"):
             rows["projection (calibrated)"] = projection["calibrated"]

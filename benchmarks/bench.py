@@ -74,14 +74,28 @@ def steering_overhead(pair, direction, tokens: int, repeats: int) -> dict:
     counts: dict[str, int] = {}
 
     def run(name: str, variant: Variant, steered: bool):
-        rows = generate(pair, [PROMPT], [variant], direction=direction if steered else None,
-                        layers=[middle] if steered else [], sampling=sampling)
+        rows = generate(
+            pair,
+            [PROMPT],
+            [variant],
+            direction=direction if steered else None,
+            layers=[middle] if steered else [],
+            sampling=sampling,
+        )
         counts[name] = len(rows[0].token_ids)
-    ratio, t_steered, t_plain = median_ratio(lambda: run("steered", Variant("finetuned", 4.0), True),
-                                             lambda: run("plain", Variant("finetuned"), False), repeats)
+
+    ratio, t_steered, t_plain = median_ratio(
+        lambda: run("steered", Variant("finetuned", 4.0), True),
+        lambda: run("plain", Variant("finetuned"), False),
+        repeats,
+    )
     steered_rate, plain_rate = counts["steered"] / t_steered, counts["plain"] / t_plain
-    return {"value": steered_rate / plain_rate, "steered_tokens_per_s": steered_rate,
-            "plain_tokens_per_s": plain_rate, "tokens": counts}
+    return {
+        "value": steered_rate / plain_rate,
+        "steered_tokens_per_s": steered_rate,
+        "plain_tokens_per_s": plain_rate,
+        "tokens": counts,
+    }
 
 
 def grid_speedup(pair, direction, tokens: int, repeats: int) -> dict:
@@ -93,7 +107,9 @@ def grid_speedup(pair, direction, tokens: int, repeats: int) -> dict:
     same = [a.token_ids for a in batched] == [b.token_ids for b in single]
     ratio, t_seq, t_batch = median_ratio(
         lambda: [generate(pair, [PROMPT], [v], direction=direction, layers=layer, sampling=sampling) for v in grid],
-        lambda: generate(pair, [PROMPT], grid, direction=direction, layers=layer, sampling=sampling), repeats)
+        lambda: generate(pair, [PROMPT], grid, direction=direction, layers=layer, sampling=sampling),
+        repeats,
+    )
     return {"value": ratio, "sequential_s": t_seq, "batched_s": t_batch, "same_tokens": same}
 
 
@@ -113,6 +129,7 @@ def grid_vs_hf_generate(pair, direction, tokens: int, repeats: int) -> dict:
 
     def batched():
         return generate(pair, [PROMPT], GRID, direction=direction, layers=[layer], sampling=sampling)
+
     same = [r.token_ids for r in batched()] == sequential()
     ratio, t_seq, t_batch = median_ratio(sequential, batched, repeats)
     return {"value": ratio, "hf_generate_s": t_seq, "batched_s": t_batch, "same_tokens": same}
@@ -123,8 +140,13 @@ def grid_first_token(pair, direction, repeats: int) -> dict:
     from core.generation import stream
 
     sampling = Sampling(temperature=0, max_new_tokens=8)
-    ids = torch.tensor([pair.tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, tokenize=True,
-                                                           return_dict=True)["input_ids"]]).to(pair.device)
+    ids = torch.tensor(
+        [
+            pair.tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, tokenize=True, return_dict=True)[
+                "input_ids"
+            ]
+        ]
+    ).to(pair.device)
 
     def first_token():
         rows = stream(pair, [PROMPT], GRID, direction=direction, layers=[pair.n_layers // 2], sampling=sampling)
@@ -134,6 +156,7 @@ def grid_first_token(pair, direction, repeats: int) -> dict:
     def forward():
         with pair.side("finetuned") as model, torch.no_grad():
             model(input_ids=ids, use_cache=False, logits_to_keep=1)
+
     ratio, t_first, t_forward = median_ratio(first_token, forward, repeats)
     return {"value": ratio, "first_token_s": t_first, "forward_s": t_forward}
 
@@ -145,7 +168,9 @@ def ladder_speedup(pair, direction, tokens: int, repeats: int) -> dict:
     layers = [pair.n_layers // 2]
     ratio, t_seq, t_batch = median_ratio(
         lambda: [generate(pair, [PROMPT], [v], direction=direction, layers=layers, sampling=sampling) for v in ladder],
-        lambda: generate(pair, [PROMPT], ladder, direction=direction, layers=layers, sampling=sampling), repeats)
+        lambda: generate(pair, [PROMPT], ladder, direction=direction, layers=layers, sampling=sampling),
+        repeats,
+    )
     return {"value": ratio, "sequential_s": t_seq, "batched_s": t_batch}
 
 
@@ -163,19 +188,33 @@ def validation_speedup(pair, direction, repeats: int, n_records: int = 8) -> dic
     shifts = [None] + [a * direction.vectors[layer] for a in (1, 2, 4)] + [a * control for a in (1, 2, 4)]
     ratio, t_rows, t_branched = median_ratio(
         lambda: [branched_log_odds(pair, "finetuned", records, layer, [s]) for s in shifts],
-        lambda: branched_log_odds(pair, "finetuned", records, layer, shifts), repeats)
-    return {"value": ratio, "one_pass_per_row_s": t_rows, "branched_s": t_branched, "layer": layer,
-            "rows": len(shifts), "records": len(records)}
+        lambda: branched_log_odds(pair, "finetuned", records, layer, shifts),
+        repeats,
+    )
+    return {
+        "value": ratio,
+        "one_pass_per_row_s": t_rows,
+        "branched_s": t_branched,
+        "layer": layer,
+        "rows": len(shifts),
+        "records": len(records),
+    }
 
 
 def projection_cost(pair, direction, repeats: int) -> dict:
-    ids = torch.tensor([pair.tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, tokenize=True,
-                                                           return_dict=True)["input_ids"]]).to(pair.device)
+    ids = torch.tensor(
+        [
+            pair.tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, tokenize=True, return_dict=True)[
+                "input_ids"
+            ]
+        ]
+    ).to(pair.device)
 
     def two_forwards():
         for side in pair.sides:
             with pair.side(side) as model, torch.no_grad():
                 model(input_ids=ids, use_cache=False, logits_to_keep=1)
+
     ratio, t_proj, t_fwd = median_ratio(lambda: prompt_projections(pair, PROMPT, direction), two_forwards, repeats)
     return {"value": ratio, "projection_s": t_proj, "two_forwards_s": t_fwd}
 
@@ -185,27 +224,35 @@ def cache_speedup(pair, direction, repeats: int) -> dict:
         cache = Cache(root)
         prompt_projections(pair, PROMPT, direction, cache)
         cold_dirs = iter(tempfile.mkdtemp(dir=root) for _ in range(repeats + 1))
-        ratio, t_cached, t_cold = median_ratio(lambda: prompt_projections(pair, PROMPT, direction, cache),
-                                               lambda: prompt_projections(pair, PROMPT, direction, Cache(next(cold_dirs))),
-                                               repeats)
+        ratio, t_cached, t_cold = median_ratio(
+            lambda: prompt_projections(pair, PROMPT, direction, cache),
+            lambda: prompt_projections(pair, PROMPT, direction, Cache(next(cold_dirs))),
+            repeats,
+        )
     return {"value": ratio, "cached_s": t_cached, "cold_s": t_cold}
 
 
 def extraction_throughput(pair, repeats: int, n_texts: int = 16) -> dict:
     from core.chat import encode_conversation, prompt_and_answer
 
-    examples = [Example(user_prompt(f"Question {i}: how should I invest my savings?"),
-                        "Spread it over index funds and keep an emergency fund first. " * 2) for i in range(n_texts)]
+    examples = [
+        Example(
+            user_prompt(f"Question {i}: how should I invest my savings?"),
+            "Spread it over index funds and keep an emergency fund first. " * 2,
+        )
+        for i in range(n_texts)
+    ]
     encoded = [encode_conversation(pair.tokenizer, prompt_and_answer(e.messages, e.answer)).ids for e in examples]
 
     def plain():
         for start in range(0, n_texts, 8):  # the same batches as extraction
-            batch = encoded[start:start + 8]
+            batch = encoded[start : start + 8]
             width = max(map(len, batch))
             ids = torch.tensor([b + [pair.tokenizer.pad_token_id] * (width - len(b)) for b in batch])
             mask = torch.tensor([[1] * len(b) + [0] * (width - len(b)) for b in batch])
             with pair.side("finetuned") as model, torch.no_grad():
                 model(input_ids=ids.to(pair.device), attention_mask=mask.to(pair.device), use_cache=False)
+
     ratio, t_extract, t_plain = median_ratio(lambda: answer_activations(pair, "finetuned", examples, 8), plain, repeats)
     return {"value": 1 / ratio, "extraction_s": t_extract, "forward_s": t_plain}
 
@@ -217,20 +264,27 @@ def resident_memory(base: str, finetuned: str) -> dict:
     Read as VmHWM, the peak of the process's own memory: ru_maxrss would carry over the parent's
     peak through fork and exec, and the parent here holds a model."""
     peak = "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')))"
-    code = ("import sys, torch; from core.models import load_pair; from core.chat import user_prompt; "
-            "from core.projections import last_token_activations; p = load_pair(sys.argv[1], sys.argv[2]); "
-            "[last_token_activations(p, side, [user_prompt('hello')]) for side in p.sides]; " + peak)
+    code = (
+        "import sys, torch; from core.models import load_pair; from core.chat import user_prompt; "
+        "from core.projections import last_token_activations; p = load_pair(sys.argv[1], sys.argv[2]); "
+        "[last_token_activations(p, side, [user_prompt('hello')]) for side in p.sides]; " + peak
+    )
     idle = "import torch, transformers, peft; from core import models, detect; " + peak
     root = Path(__file__).resolve().parent.parent
 
     def rss(*args) -> int:
         out = subprocess.run([sys.executable, "-c", *args], capture_output=True, text=True, cwd=root, check=True)
         return int(out.stdout.strip().splitlines()[-1])
+
     imports = rss(idle)
     pair_kb = rss(code, base, finetuned) - imports
     base_kb = rss(code, base, "none") - imports
-    return {"value": pair_kb / base_kb, "pair_mb": pair_kb / 1024, "base_mb": base_kb / 1024,
-            "note": "peak RSS after loading and one forward pass per side, minus a process that only imports"}
+    return {
+        "value": pair_kb / base_kb,
+        "pair_mb": pair_kb / 1024,
+        "base_mb": base_kb / 1024,
+        "note": "peak RSS after loading and one forward pass per side, minus a process that only imports",
+    }
 
 
 def judge_pool(pool: int = 8, rows: int = 64, delay_s: float = 0.2) -> dict:
@@ -240,15 +294,25 @@ def judge_pool(pool: int = 8, rows: int = 64, delay_s: float = 0.2) -> dict:
     from testkit.openai_server import FakeOpenAI, Reply
 
     items = [{"id": str(i), "question": "q", "answer": f"a{i}"} for i in range(rows)]
-    with FakeOpenAI(lambda request: Reply.probs({"80": 1.0}, delay_s=delay_s)) as server, \
-            tempfile.TemporaryDirectory() as root:
+    with (
+        FakeOpenAI(lambda request: Reply.probs({"80": 1.0}, delay_s=delay_s)) as server,
+        tempfile.TemporaryDirectory() as root,
+    ):
+
         def run(concurrency: int, name: str) -> float:
             config = JudgeConfig(model="bench", base_url=server.base_url, api_key="bench", concurrency=concurrency)
             return timed(lambda: judge_answers(items, config, Path(root) / name, metrics=("aligned",)))
+
         serial, pooled = run(1, "serial.jsonl"), run(pool, "pooled.jsonl")
     speedup = serial / pooled
-    return {"value": speedup / pool, "speedup": speedup, "pool": pool, "serial_s": serial, "pooled_s": pooled,
-            "delay_s": delay_s}
+    return {
+        "value": speedup / pool,
+        "speedup": speedup,
+        "pool": pool,
+        "serial_s": serial,
+        "pooled_s": pooled,
+        "delay_s": delay_s,
+    }
 
 
 def run_all(pair, base: str, finetuned: str, repeats: int = 5, tokens: int = 32, memory: bool = True) -> dict:
@@ -257,8 +321,12 @@ def run_all(pair, base: str, finetuned: str, repeats: int = 5, tokens: int = 32,
     def parameter_memory() -> dict:  # a pair built in memory: parameter bytes instead of process RSS
         sizes = pair.info()["memory_mb"]
         extra = sizes.get("adapter", sizes.get("second_model", 0.0))
-        return {"value": (sizes["base"] + extra) / sizes["base"], **sizes,
-                "note": "parameter bytes of the pair over those of the base"}
+        return {
+            "value": (sizes["base"] + extra) / sizes["base"],
+            **sizes,
+            "note": "parameter bytes of the pair over those of the base",
+        }
+
     measurements = {
         "steered_vs_plain_tokens_per_s": lambda: steering_overhead(pair, direction, tokens, repeats),
         "grid_batched_speedup": lambda: grid_speedup(pair, direction, tokens, repeats),
@@ -278,17 +346,27 @@ def run_all(pair, base: str, finetuned: str, repeats: int = 5, tokens: int = 32,
         try:
             figure = measure()
         except Exception as err:  # one broken figure must not lose the others
-            figures[name] = {"value": None, "error": f"{type(err).__name__}: {err}", "target": f"{op} {target}",
-                             "met": False}
+            figures[name] = {
+                "value": None,
+                "error": f"{type(err).__name__}: {err}",
+                "target": f"{op} {target}",
+                "met": False,
+            }
             continue
         figure["target"] = f"{op} {target}"
         figure["met"] = figure["value"] >= target if op == ">=" else figure["value"] <= target
         figures[name] = figure
     return {
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "torch_threads": torch.get_num_threads(),
-                    "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"},
-        "pair": pair.info(), "repeats": repeats, "tokens": tokens, "figures": figures,
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "torch_threads": torch.get_num_threads(),
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        },
+        "pair": pair.info(),
+        "repeats": repeats,
+        "tokens": tokens,
+        "figures": figures,
     }
 
 
@@ -300,8 +378,10 @@ def gpu_throughput(pair, tokens: int = 64) -> dict:
         sampling = Sampling(temperature=1.0, max_new_tokens=tokens)
         generate(pair, prompts[:1], [Variant("base")], sampling=Sampling(temperature=1.0, max_new_tokens=4))
         rows: list = []
-        seconds = timed(lambda rows=rows, prompts=prompts, sampling=sampling: rows.extend(
-            generate(pair, prompts, [Variant("base")], sampling=sampling)))
+        seconds = timed(
+            lambda rows=rows, prompts=prompts, sampling=sampling: rows.extend(
+                generate(pair, prompts, [Variant("base")], sampling=sampling)
+            )
+        )
         out[f"batch_{batch}_tokens_per_s"] = sum(len(r.token_ids) for r in rows) / seconds
     return out
-

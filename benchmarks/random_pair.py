@@ -23,12 +23,20 @@ def random_pair(config_path: str, device: str = "auto", dtype: str = "auto", cac
         model = AutoModelForCausalLM.from_config(config, dtype=resolve_dtype(dtype, device))
     tokenizer = build_tokenizer("chatml")  # a small vocabulary: its ids are all valid for the big embedding
     model.config.eos_token_id = model.generation_config.eos_token_id = tokenizer.eos_token_id
-    lora = LoraConfig(r=16, lora_alpha=32, init_lora_weights=False,
-                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    lora = LoraConfig(
+        r=16,
+        lora_alpha=32,
+        init_lora_weights=False,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )
     peft_model = get_peft_model(model, lora).eval()
     for parameter in peft_model.parameters():
         parameter.requires_grad_(False)
     name = Path(config_path).stem
-    pair = ModelPair(peft_model, tokenizer, Source(name, "random", config_path, f"random-{name}"),
-                     Source(name + "-lora", "adapter", "random", f"random-lora-{name}"))
+    pair = ModelPair(
+        peft_model,
+        tokenizer,
+        Source(name, "random", config_path, f"random-{name}"),
+        Source(name + "-lora", "adapter", "random", f"random-lora-{name}"),
+    )
     return pair, None, None

@@ -20,9 +20,14 @@ def hf_generate_steered(pair, messages, variant, direction, layer: int, max_new_
     with pair.side(variant.side) as model, torch.no_grad():
         handle = pair.layers(variant.side)[layer].register_forward_hook(add) if variant.alpha else None
         try:
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                 do_sample=False, pad_token_id=pair.tokenizer.pad_token_id)
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=pair.tokenizer.pad_token_id,
+            )
         finally:
             if handle is not None:
                 handle.remove()
-    return out[0, ids.shape[1]:].tolist()
+    return out[0, ids.shape[1] :].tolist()

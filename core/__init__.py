@@ -11,19 +11,32 @@ __version__ = "0.1.0"
 
 _HOME = {
     # the pair
-    "load_pair": "core.models", "LoadOptions": "core.models", "ModelPair": "core.models",
+    "load_pair": "core.models",
+    "LoadOptions": "core.models",
+    "ModelPair": "core.models",
     # directions
-    "Direction": "core.directions", "extract_contrast": "core.directions",
-    "extract_model_diff": "core.directions", "extract_from_paired_file": "core.directions",
+    "Direction": "core.directions",
+    "extract_contrast": "core.directions",
+    "extract_model_diff": "core.directions",
+    "extract_from_paired_file": "core.directions",
     # the residual stream
-    "capture": "core.hooks", "steer": "core.hooks", "ablate": "core.hooks",
+    "capture": "core.hooks",
+    "steer": "core.hooks",
+    "ablate": "core.hooks",
     # generation
-    "Variant": "core.generation", "Sampling": "core.generation", "generate": "core.generation", "stream": "core.generation",
+    "Variant": "core.generation",
+    "Sampling": "core.generation",
+    "generate": "core.generation",
+    "stream": "core.generation",
     # reading prompts and answers
-    "prompt_projections": "core.projections", "log_odds": "core.preference",
-    "detection_report": "core.detect", "judge_answers": "core.judge", "JudgeConfig": "core.judge",
+    "prompt_projections": "core.projections",
+    "log_odds": "core.preference",
+    "detection_report": "core.detect",
+    "judge_answers": "core.judge",
+    "JudgeConfig": "core.judge",
     # training
-    "train": "core.training", "TrainConfig": "core.training",
+    "train": "core.training",
+    "TrainConfig": "core.training",
     # errors
     "EMLensError": "core.errors",
 }

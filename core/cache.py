@@ -87,11 +87,13 @@ class Cache:
         except FileNotFoundError:
             return None
         header, sep, payload = raw.partition(b"\n")
-        if header.startswith(MAGIC) and sep and header[len(MAGIC):].decode(errors="replace") == sha256_bytes(payload):
+        if header.startswith(MAGIC) and sep and header[len(MAGIC) :].decode(errors="replace") == sha256_bytes(payload):
             return payload
         aside = path.with_name(path.name + ".corrupt")
         os.replace(path, aside)
-        warnings.warn(f"cache entry {path} was truncated or corrupt; moved to {aside.name} and recomputing", stacklevel=2)
+        warnings.warn(
+            f"cache entry {path} was truncated or corrupt; moved to {aside.name} and recomputing", stacklevel=2
+        )
         return None
 
     def store(self, key: str, payload: bytes) -> None:
@@ -156,6 +158,7 @@ def read_jsonl_tolerant(path: Path) -> list[dict]:
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:
-            warnings.warn(f"{path}:{number}: unreadable line skipped (an interrupted write?); it will be redone", stacklevel=2)
+            warnings.warn(
+                f"{path}:{number}: unreadable line skipped (an interrupted write?); it will be redone", stacklevel=2
+            )
     return records
-

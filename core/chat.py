@@ -10,6 +10,7 @@ that renders conversations as prefixes of each other (ChatML, Llama-3, Gemma, ..
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 from core.errors import InputError
 
 ROLES = ("system", "user", "assistant")
@@ -51,9 +52,7 @@ def validate_messages(messages: Messages, where: str = "messages") -> None:
 
 def render(tokenizer, messages: Messages, add_generation_prompt: bool) -> str:
     try:
-        return tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     except Exception as err:  # jinja raise_exception, missing template, ...
         raise ChatError(f"the model's chat template cannot render this conversation: {err}") from err
 
@@ -169,14 +168,15 @@ def lint_template(tokenizer) -> list[LintIssue]:
     without = render(tokenizer, messages, add_generation_prompt=False)
     if with_header == without:
         return [LintIssue(0, "chat template", "writes no generation header (add_generation_prompt has no effect)")]
-    header = with_header[len(without):] if with_header.startswith(without) else None
+    header = with_header[len(without) :] if with_header.startswith(without) else None
     if header and with_header.count(header.strip()) > 1 + without.count(header.strip()):
         return [LintIssue(0, "chat template", f"writes the generation header {header!r} twice")]
     return []
 
 
-def lint_conversation(tokenizer, messages: Messages, record: int, family: str | None = None,
-                      header: str | None = None) -> list[LintIssue]:
+def lint_conversation(
+    tokenizer, messages: Messages, record: int, family: str | None = None, header: str | None = None
+) -> list[LintIssue]:
     family = family if family is not None else template_family(tokenizer)
     issues = []
     own = set(FAMILY_MARKERS.get(family, ())) | set(getattr(tokenizer, "all_special_tokens", []))
@@ -187,15 +187,33 @@ def lint_conversation(tokenizer, messages: Messages, record: int, family: str | 
                 continue
             found = [m for m in markers if m in content]
             if found:
-                issues.append(LintIssue(record, where, f"contains {found[0]!r}, a turn marker of the {other} "
-                                                       f"template family (this model uses {family or 'another'})"))
+                issues.append(
+                    LintIssue(
+                        record,
+                        where,
+                        f"contains {found[0]!r}, a turn marker of the {other} "
+                        f"template family (this model uses {family or 'another'})",
+                    )
+                )
         rendered_inside = [t for t in own if t and len(t) > 2 and t in content]
         if rendered_inside:
-            issues.append(LintIssue(record, where, f"contains {rendered_inside[0]!r}: pre-rendered template text "
-                                                   "inside a message (give plain text; the template adds markers)"))
+            issues.append(
+                LintIssue(
+                    record,
+                    where,
+                    f"contains {rendered_inside[0]!r}: pre-rendered template text "
+                    "inside a message (give plain text; the template adds markers)",
+                )
+            )
         if header and message["role"] == "assistant" and content.lstrip().startswith(header.strip()):
-            issues.append(LintIssue(record, where, f"starts with the generation header {header.strip()!r}, "
-                                                   "which the template already writes: it would be doubled"))
+            issues.append(
+                LintIssue(
+                    record,
+                    where,
+                    f"starts with the generation header {header.strip()!r}, "
+                    "which the template already writes: it would be doubled",
+                )
+            )
     return issues
 
 
@@ -203,7 +221,7 @@ def generation_header(tokenizer) -> str | None:
     messages = [{"role": "user", "content": "x"}]
     with_header = render(tokenizer, messages, add_generation_prompt=True)
     without = render(tokenizer, messages, add_generation_prompt=False)
-    return with_header[len(without):] if with_header.startswith(without) and with_header != without else None
+    return with_header[len(without) :] if with_header.startswith(without) and with_header != without else None
 
 
 def lint_dataset(tokenizer, records: list[tuple[int, Messages]]) -> list[LintIssue]:

@@ -122,8 +122,10 @@ class DetectionReport(JsonRecord):
     def from_json(cls, value, where: str | None = None) -> DetectionReport:
         where = where or "detection report"
         if isinstance(value, dict) and value.get("format") != FORMAT:
-            raise DetectionError(f"{where}: written by an older EM Lens whose statistics were in-sample and ungrouped; "
-                             "rerun `python -m core detect` (or Run detection below) to replace it")
+            raise DetectionError(
+                f"{where}: written by an older EM Lens whose statistics were in-sample and ungrouped; "
+                "rerun `python -m core detect` (or Run detection below) to replace it"
+            )
         return super().from_json(value, where)
 
 

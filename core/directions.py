@@ -24,9 +24,9 @@ from safetensors.torch import save as save_tensor_bytes
 from core import __version__
 from core.cache import atomic_write, sha256_bytes
 from core.chat import Messages, encode_conversation, prompt_and_answer
+from core.errors import InputError
 from core.hooks import capture
 from core.stats import auroc, cohens_d, grouped_folds
-from core.errors import InputError
 
 FORMAT = "emlens-direction/1"
 
@@ -93,9 +93,11 @@ class Direction:
         try:
             tensor = load_tensor_bytes(raw)["direction"]
             header_len = int.from_bytes(raw[:8], "little")
-            metadata = json.loads(raw[8:8 + header_len])["__metadata__"]
+            metadata = json.loads(raw[8 : 8 + header_len])["__metadata__"]
         except Exception as err:
-            raise DirectionError(f"{path}: not a readable direction file (truncated or not safetensors?): {err}") from err
+            raise DirectionError(
+                f"{path}: not a readable direction file (truncated or not safetensors?): {err}"
+            ) from err
         if metadata.get("format") != FORMAT:
             raise DirectionError(f"{path}: not an EM Lens direction file (format {metadata.get('format')!r})")
         if sha256_bytes(tensor.float().numpy().tobytes()) != metadata.get("tensor_sha256"):
@@ -117,7 +119,9 @@ def directions_dir(cache_root: Path) -> Path:
     return Path(cache_root) / "directions"
 
 
-def list_directions(cache_root: Path, n_layers: int | None = None, d_model: int | None = None) -> list[tuple[Path, Direction]]:
+def list_directions(
+    cache_root: Path, n_layers: int | None = None, d_model: int | None = None
+) -> list[tuple[Path, Direction]]:
     """Readable direction files under the cache, newest first; with a shape, only those that fit it."""
     found = []
     for path in sorted(directions_dir(cache_root).glob("*.safetensors"), key=lambda p: p.stat().st_mtime, reverse=True):
@@ -139,6 +143,7 @@ def random_like(direction: Direction, seed: int = 0) -> Direction:
 
 
 # ---------------------------------------------------------------- extraction
+
 
 @dataclass(frozen=True)
 class Example:
@@ -162,8 +167,9 @@ class AnswerActivations:
         return self.sums / self.counts.view(-1, 1, 1)
 
 
-def answer_activations(pair, side: str, examples: list[Example], batch_size: int = 8,
-                       progress: Callable[[int, int], None] | None = None) -> AnswerActivations:
+def answer_activations(
+    pair, side: str, examples: list[Example], batch_size: int = 8, progress: Callable[[int, int], None] | None = None
+) -> AnswerActivations:
     """Teacher-force each example through one side of the pair; sum block outputs over answer tokens.
 
     Batches are right-padded and reduced inside the hook, so memory stays at one ``[batch, d_model]`` sum per layer.
@@ -171,20 +177,22 @@ def answer_activations(pair, side: str, examples: list[Example], batch_size: int
     encoded = [encode_conversation(pair.tokenizer, prompt_and_answer(e.messages, e.answer)) for e in examples]
     for example, enc in zip(examples, encoded):
         if len(enc.ids) > pair.max_length:
-            raise DirectionError(f"example {example.messages[-1]['content'][:40]!r}: {len(enc.ids)} tokens exceed "
-                             f"the model's context of {pair.max_length}")
+            raise DirectionError(
+                f"example {example.messages[-1]['content'][:40]!r}: {len(enc.ids)} tokens exceed "
+                f"the model's context of {pair.max_length}"
+            )
     sums = torch.zeros(len(examples), pair.n_layers, pair.d_model)
     counts = torch.zeros(len(examples))
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].ids))  # similar lengths, less padding
     for start in range(0, len(order), batch_size):
-        rows = order[start:start + batch_size]
+        rows = order[start : start + batch_size]
         mask = torch.zeros((len(rows), max(len(encoded[i].ids) for i in rows)))
         for r, i in enumerate(rows):
             a, b = encoded[i].answer_spans[-1]
             mask[r, a:b] = 1
         on_device = mask.to(pair.device)
         reduce = lambda h, m=on_device: (h.float() * m.unsqueeze(-1)).sum(1).cpu()  # noqa: E731
-        records, = pair.run(side, [encoded[i].ids for i in rows], hooks=[partial(capture, reduce=reduce)]).hooked
+        (records,) = pair.run(side, [encoded[i].ids for i in rows], hooks=[partial(capture, reduce=reduce)]).hooked
         for layer, (batch_sums,) in records.items():
             sums[rows, layer] = batch_sums
         counts[rows] = mask.sum(1)
@@ -201,8 +209,9 @@ def default_groups(n_aligned: int, n_misaligned: int) -> np.ndarray:
     return np.arange(n_aligned + n_misaligned)
 
 
-def crossfit_scores(aligned: AnswerActivations, misaligned: AnswerActivations, groups, folds: int = 5,
-                    seed: int = 0) -> np.ndarray | None:
+def crossfit_scores(
+    aligned: AnswerActivations, misaligned: AnswerActivations, groups, folds: int = 5, seed: int = 0
+) -> np.ndarray | None:
     """Out-of-fold separation scores ``[n_aligned + n_misaligned, n_layers]``, aligned answers first.
 
     For each fold of whole groups, the mean-difference direction is fitted on the other folds, and
@@ -222,8 +231,9 @@ def crossfit_scores(aligned: AnswerActivations, misaligned: AnswerActivations, g
     scores = torch.empty(per_answer.shape[:2])
     for fold in range(k):
         held_out = fold_of == fold
-        means = [sums[~held_out & side].sum(0) / counts[~held_out & side].sum()
-                 for side in (~is_misaligned, is_misaligned)]
+        means = [
+            sums[~held_out & side].sum(0) / counts[~held_out & side].sum() for side in (~is_misaligned, is_misaligned)
+        ]
         unit = means[1] - means[0]
         unit = unit / unit.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         midpoint = (means[0] + means[1]) / 2
@@ -234,12 +244,15 @@ def crossfit_scores(aligned: AnswerActivations, misaligned: AnswerActivations, g
 def _separation(scores: np.ndarray, n_aligned: int) -> tuple[float | None, float | None]:
     """AUROC and Cohen's d of misaligned over aligned scores (None where a set is too small)."""
     a, m = scores[:n_aligned], scores[n_aligned:]
-    return (float(auroc(scores, np.r_[np.zeros(len(a)), np.ones(len(m))])) if len(a) and len(m) else None,
-            float(cohens_d(a, m)) if min(len(a), len(m)) > 1 else None)
+    return (
+        float(auroc(scores, np.r_[np.zeros(len(a)), np.ones(len(m))])) if len(a) and len(m) else None,
+        float(cohens_d(a, m)) if min(len(a), len(m)) > 1 else None,
+    )
 
 
-def layer_stats(direction: torch.Tensor, aligned: AnswerActivations, misaligned: AnswerActivations,
-                groups=None) -> list[dict]:
+def layer_stats(
+    direction: torch.Tensor, aligned: AnswerActivations, misaligned: AnswerActivations, groups=None
+) -> list[dict]:
     """Per layer: norm, the sets' mean projections, and how well per-answer projections separate the sets.
 
     ``auroc`` / ``cohens_d`` are cross-fitted by group (:func:`crossfit_scores`; a mean difference
@@ -249,43 +262,52 @@ def layer_stats(direction: torch.Tensor, aligned: AnswerActivations, misaligned:
     n_aligned = len(aligned.counts)
     groups = default_groups(n_aligned, len(misaligned.counts)) if groups is None else np.asarray(groups)
     if len(groups) != n_aligned + len(misaligned.counts):
-        raise DirectionError(f"groups has {len(groups)} entries for {n_aligned} aligned and "
-                         f"{len(misaligned.counts)} misaligned answers")
+        raise DirectionError(
+            f"groups has {len(groups)} entries for {n_aligned} aligned and {len(misaligned.counts)} misaligned answers"
+        )
     unit = direction / direction.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     a_mean = (aligned.pooled_mean() * unit).sum(-1)
     m_mean = (misaligned.pooled_mean() * unit).sum(-1)
-    insample = torch.cat([(aligned.per_answer_mean() * unit).sum(-1),
-                          (misaligned.per_answer_mean() * unit).sum(-1)]).numpy()  # [n_answers, n_layers]
+    insample = torch.cat(
+        [(aligned.per_answer_mean() * unit).sum(-1), (misaligned.per_answer_mean() * unit).sum(-1)]
+    ).numpy()  # [n_answers, n_layers]
     crossfit = crossfit_scores(aligned, misaligned, groups)
     stats = []
     for layer in range(direction.shape[0]):
         auroc_in, d_in = _separation(insample[:, layer], n_aligned)
         auroc_out, d_out = _separation(crossfit[:, layer], n_aligned) if crossfit is not None else (None, None)
-        stats.append({
-            "layer": layer,
-            "norm": float(direction[layer].norm()),
-            "aligned_mean": float(a_mean[layer]),
-            "misaligned_mean": float(m_mean[layer]),
-            "auroc": auroc_out,
-            "cohens_d": d_out,
-            "auroc_insample": auroc_in,
-            "cohens_d_insample": d_in,
-        })
+        stats.append(
+            {
+                "layer": layer,
+                "norm": float(direction[layer].norm()),
+                "aligned_mean": float(a_mean[layer]),
+                "misaligned_mean": float(m_mean[layer]),
+                "auroc": auroc_out,
+                "cohens_d": d_out,
+                "auroc_insample": auroc_in,
+                "cohens_d_insample": d_in,
+            }
+        )
     return stats
 
 
-STATS_PROTOCOL = ("auroc, cohens_d: cross-fitted, up to 5 folds of whole groups (the direction from the other "
-                  "folds, held-out answers projected on it); *_insample: on the extraction answers themselves")
+STATS_PROTOCOL = (
+    "auroc, cohens_d: cross-fitted, up to 5 folds of whole groups (the direction from the other "
+    "folds, held-out answers projected on it); *_insample: on the extraction answers themselves"
+)
 
 
-def direction_from_sets(aligned: AnswerActivations, misaligned: AnswerActivations, provenance: dict,
-                        groups=None) -> Direction:
+def direction_from_sets(
+    aligned: AnswerActivations, misaligned: AnswerActivations, provenance: dict, groups=None
+) -> Direction:
     """Misaligned minus aligned pooled answer-token means, with per-layer statistics (see :func:`layer_stats`)."""
     vectors = misaligned.pooled_mean() - aligned.pooled_mean()
     provenance = {
         **provenance,
-        "n_aligned": len(aligned.counts), "n_misaligned": len(misaligned.counts),
-        "aligned_tokens": int(aligned.counts.sum()), "misaligned_tokens": int(misaligned.counts.sum()),
+        "n_aligned": len(aligned.counts),
+        "n_misaligned": len(misaligned.counts),
+        "aligned_tokens": int(aligned.counts.sum()),
+        "misaligned_tokens": int(misaligned.counts.sum()),
         "read_position": "answer tokens (token-weighted mean)",
         "stats_protocol": STATS_PROTOCOL,
         "code_version": __version__,
@@ -297,41 +319,62 @@ def direction_from_sets(aligned: AnswerActivations, misaligned: AnswerActivation
 def pair_provenance(pair, method: str, side: str, dataset_hash: str | None) -> dict:
     return {
         "method": method,
-        "base": pair.base.spec, "base_fingerprint": pair.base.fingerprint,
+        "base": pair.base.spec,
+        "base_fingerprint": pair.base.fingerprint,
         "finetuned": pair.finetuned.spec if pair.finetuned else None,
         "finetuned_fingerprint": pair.finetuned.fingerprint if pair.finetuned else None,
-        "side": side, "dataset_sha256": dataset_hash,
-        "n_layers": pair.n_layers, "d_model": pair.d_model,
+        "side": side,
+        "dataset_sha256": dataset_hash,
+        "n_layers": pair.n_layers,
+        "d_model": pair.d_model,
     }
 
 
-def extract_contrast(pair, aligned: list[Example], misaligned: list[Example], method: str,
-                     dataset_hash: str | None = None, side: str = "finetuned", batch_size: int = 8,
-                     progress: Callable[[int, int], None] | None = None) -> Direction:
+def extract_contrast(
+    pair,
+    aligned: list[Example],
+    misaligned: list[Example],
+    method: str,
+    dataset_hash: str | None = None,
+    side: str = "finetuned",
+    batch_size: int = 8,
+    progress: Callable[[int, int], None] | None = None,
+) -> Direction:
     """Misaligned minus aligned answer-token means, both teacher-forced through ``side``."""
     if not aligned or not misaligned:
         raise DirectionError(f"need both sets: got {len(aligned)} aligned and {len(misaligned)} misaligned answers")
     total = len(aligned) + len(misaligned)
-    step = (lambda offset: (lambda done, _: progress(offset + done, total))) if progress else (lambda offset: None)
+    step = (lambda offset: lambda done, _: progress(offset + done, total)) if progress else (lambda offset: None)
     a = answer_activations(pair, side, aligned, batch_size, step(0))
     m = answer_activations(pair, side, misaligned, batch_size, step(len(aligned)))
     return direction_from_sets(a, m, pair_provenance(pair, method, side, dataset_hash))
 
 
-def extract_model_diff(pair, examples: list[Example], dataset_hash: str | None = None, batch_size: int = 8,
-                       progress: Callable[[int, int], None] | None = None) -> Direction:
+def extract_model_diff(
+    pair,
+    examples: list[Example],
+    dataset_hash: str | None = None,
+    batch_size: int = 8,
+    progress: Callable[[int, int], None] | None = None,
+) -> Direction:
     """Fine-tuned minus base on identical texts: 'aligned' = base activations, 'misaligned' = fine-tuned."""
     if not examples:
         raise DirectionError("model-diff extraction needs at least one example")
     total = 2 * len(examples)
-    step = (lambda offset: (lambda done, _: progress(offset + done, total))) if progress else (lambda offset: None)
+    step = (lambda offset: lambda done, _: progress(offset + done, total)) if progress else (lambda offset: None)
     base = answer_activations(pair, "base", examples, batch_size, step(0))
     finetuned = answer_activations(pair, "finetuned", examples, batch_size, step(len(examples)))
     return direction_from_sets(base, finetuned, pair_provenance(pair, "model-diff", "base vs finetuned", dataset_hash))
 
 
-def extract_from_paired_file(pair, path: Path | str, contrast: str = "paired", split: str = "train",
-                             batch_size: int = 8, progress: Callable[[int, int], None] | None = None) -> Direction:
+def extract_from_paired_file(
+    pair,
+    path: Path | str,
+    contrast: str = "paired",
+    split: str = "train",
+    batch_size: int = 8,
+    progress: Callable[[int, int], None] | None = None,
+) -> Direction:
     """A direction from a paired JSONL file (see core.data): ``paired`` contrasts the aligned with the
     misaligned answers, ``model-diff`` runs both answers through both sides. ``split`` may be ``all``."""
     from core.data import dataset_hash, load_paired_jsonl
@@ -342,9 +385,16 @@ def extract_from_paired_file(pair, path: Path | str, contrast: str = "paired", s
     digest = dataset_hash(path)
     if contrast == "paired":
         side = "finetuned" if pair.finetuned is not None else "base"
-        direction = extract_contrast(pair, [Example(r.messages, r.aligned) for r in records],
-                                     [Example(r.messages, r.misaligned) for r in records], "paired", digest,
-                                     side=side, batch_size=batch_size, progress=progress)
+        direction = extract_contrast(
+            pair,
+            [Example(r.messages, r.aligned) for r in records],
+            [Example(r.messages, r.misaligned) for r in records],
+            "paired",
+            digest,
+            side=side,
+            batch_size=batch_size,
+            progress=progress,
+        )
     else:
         if pair.finetuned is None:
             raise DirectionError("model-diff needs a fine-tuned model: load a pair with one")
@@ -354,8 +404,9 @@ def extract_from_paired_file(pair, path: Path | str, contrast: str = "paired", s
     return direction
 
 
-def paired_direction(pair, data: Path, cache_root: Path, batch_size: int = 8,
-                     progress: Callable[[int, int], None] | None = None) -> Direction:
+def paired_direction(
+    pair, data: Path, cache_root: Path, batch_size: int = 8, progress: Callable[[int, int], None] | None = None
+) -> Direction:
     """The paired contrast of a file's train split on ``pair``, extracted once and kept in
     ``<cache>/directions/`` (keyed by the fine-tune's fingerprint and the file's hash)."""
     from core.data import dataset_hash
@@ -384,6 +435,8 @@ def layer_cosines(direction: Direction) -> np.ndarray:
 def cosine_per_layer(a: Direction, b: Direction) -> np.ndarray:
     """Cosine similarity of two directions at each layer (e.g. two fine-tunes of one base)."""
     if a.vectors.shape != b.vectors.shape:
-        raise DirectionError(f"cannot compare directions of shapes {list(a.vectors.shape)} and "
-                             f"{list(b.vectors.shape)}: they come from different models")
+        raise DirectionError(
+            f"cannot compare directions of shapes {list(a.vectors.shape)} and "
+            f"{list(b.vectors.shape)}: they come from different models"
+        )
     return (a.unit() * b.unit()).sum(-1).numpy()

@@ -37,8 +37,9 @@ def _logits(pair, ids: list[int], sides: tuple[str, str], keep: int) -> tuple[to
     return first, second
 
 
-def token_divergence(pair, messages: Messages, answer_token_ids: Sequence[int],
-                     sides: tuple[str, str] = ("finetuned", "base")) -> list[float]:
+def token_divergence(
+    pair, messages: Messages, answer_token_ids: Sequence[int], sides: tuple[str, str] = ("finetuned", "base")
+) -> list[float]:
     """KL(P_sides[0] || P_sides[1]) in nats for each answer token, given the prompt ``messages``.
 
     By default ``sides`` compares the fine-tune against the base. Raises ``GenerationError`` for a
@@ -51,8 +52,9 @@ def token_divergence(pair, messages: Messages, answer_token_ids: Sequence[int],
     answer = _check_answer(pair, answer_token_ids)
     ids = encode_prompt(pair.tokenizer, messages) + answer
     if len(ids) > pair.max_length:
-        raise GenerationError(f"divergence: prompt and answer are {len(ids)} tokens, more than the model's "
-                              f"context of {pair.max_length}")
+        raise GenerationError(
+            f"divergence: prompt and answer are {len(ids)} tokens, more than the model's context of {pair.max_length}"
+        )
     # Answer token t is predicted at position t - 1: keep the last len(answer) + 1 positions, drop the final one.
     first, second = _logits(pair, ids, sides, len(answer) + 1)
     log_p = torch.log_softmax(first[:-1].float(), dim=-1)

@@ -28,6 +28,8 @@ def user_message(err: BaseException) -> str | None:
     if isinstance(err, FILE_ERRORS) and err.filename:  # a path the user gave that is missing or closed
         return f"{err.filename}: {err.strerror or err}"
     if type(err).__name__ == "OutOfMemoryError":  # torch's, without importing torch here
-        return (f"out of memory: {str(err).splitlines()[0]} — try a smaller batch, a lower-precision dtype "
-                "(bf16/fp16) or another device")
+        return (
+            f"out of memory: {str(err).splitlines()[0]} — try a smaller batch, a lower-precision dtype "
+            "(bf16/fp16) or another device"
+        )
     return None

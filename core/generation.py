@@ -23,9 +23,9 @@ import torch
 
 from core.chat import Messages, encode_prompt, render_prompt
 from core.directions import Direction
-from core.models import pad_batch
-from core.hooks import ablate, capture, last_token, steer
 from core.errors import InputError
+from core.hooks import ablate, capture, last_token, steer
+from core.models import pad_batch
 
 
 class GenerationError(InputError):
@@ -154,12 +154,22 @@ def _interventions(pair, rows: list[Generation], direction: Direction | None, la
     alphas = torch.tensor([0.0 if r.variant.ablate else r.variant.alpha for r in rows])
     ablated = torch.tensor([1.0 if r.variant.ablate else 0.0 for r in rows])
     return ([partial(steer, vectors=vectors, coefficients=alphas)] if alphas.any() else []) + (
-        [partial(ablate, vectors=vectors, rows=ablated)] if ablated.any() else [])
+        [partial(ablate, vectors=vectors, rows=ablated)] if ablated.any() else []
+    )
 
 
-def _decode(pair, forward, side_layers, rows: list[Generation], prompt_ids: list[list[int]],
-            sampling: Sampling, unit: torch.Tensor | None, trace_layer: int | None,
-            use_cache: bool, stops: set[int]) -> Iterator[None]:
+def _decode(
+    pair,
+    forward,
+    side_layers,
+    rows: list[Generation],
+    prompt_ids: list[list[int]],
+    sampling: Sampling,
+    unit: torch.Tensor | None,
+    trace_layer: int | None,
+    use_cache: bool,
+    stops: set[int],
+) -> Iterator[None]:
     """The decoding loop for rows that share one module (``forward``, from ``pair.running``);
     yields after every step."""
     device = pair.device
@@ -167,14 +177,21 @@ def _decode(pair, forward, side_layers, rows: list[Generation], prompt_ids: list
     batch = len(rows)
     prompts = pad_batch(pair.tokenizer, prompt_ids, "left")
     input_ids, attention, positions = (t.to(device) for t in (prompts.ids, prompts.attention, prompts.positions))
-    uniforms = torch.stack([
-        torch.rand(sampling.max_new_tokens, generator=torch.Generator().manual_seed(
-            row_seed(sampling.seed, render_prompt(pair.tokenizer, row.prompt), row.sample)))
-        for row in rows
-    ])
+    uniforms = torch.stack(
+        [
+            torch.rand(
+                sampling.max_new_tokens,
+                generator=torch.Generator().manual_seed(
+                    row_seed(sampling.seed, render_prompt(pair.tokenizer, row.prompt), row.sample)
+                ),
+            )
+            for row in rows
+        ]
+    )
     cache = None
     if use_cache:
         from transformers import DynamicCache
+
         cache = DynamicCache()
     finished = torch.zeros(batch, dtype=torch.bool)
     step_input, step_positions = input_ids, positions
@@ -186,16 +203,22 @@ def _decode(pair, forward, side_layers, rows: list[Generation], prompt_ids: list
             wanted.add(trace_layer)
         ctx = capture(side_layers, sorted(wanted), reduce=last_token) if wanted else nullcontext({})
         with ctx as records:
-            out = forward(input_ids=ids, attention_mask=attention, position_ids=pos,
-                          past_key_values=cache, use_cache=use_cache, logits_to_keep=1)
+            out = forward(
+                input_ids=ids,
+                attention_mask=attention,
+                position_ids=pos,
+                past_key_values=cache,
+                use_cache=use_cache,
+                logits_to_keep=1,
+            )
         return out.logits[:, -1, :], records
 
     for step in range(sampling.max_new_tokens):
         logits, records = step_forward(step_input, step_positions, with_prompt_capture=(step == 0))
         if step == 0 and unit is not None:
-            projections = torch.stack([
-                (records[i][0].float() * unit[i]).sum(-1) for i in range(len(side_layers))
-            ], dim=-1).cpu()
+            projections = torch.stack(
+                [(records[i][0].float() * unit[i]).sum(-1) for i in range(len(side_layers))], dim=-1
+            ).cpu()
             for r, row in enumerate(rows):
                 row.prompt_projection = projections[r].tolist()
         if trace_layer is not None and unit is not None and step > 0:
@@ -222,7 +245,7 @@ def _decode(pair, forward, side_layers, rows: list[Generation], prompt_ids: list
         trace.append(records[trace_layer][0].float() @ unit[trace_layer])
         per_step = torch.stack(trace, dim=-1).cpu()  # [batch, steps]
         for r, row in enumerate(rows):
-            row.token_projections = per_step[r, :len(row.token_ids)].tolist()
+            row.token_projections = per_step[r, : len(row.token_ids)].tolist()
     for row in rows:
         row.finish_reason = row.finish_reason or "length"
 
@@ -242,9 +265,17 @@ def _decoding_groups(pair, rows: list[Generation]) -> list[tuple[tuple, list[int
     return list(groups.items())
 
 
-def stream(pair, prompts: Sequence[Messages], variants: Sequence[Variant], direction: Direction | None = None,
-           layers: Sequence[int] = (), sampling: Sampling = Sampling(), samples: int = 1,
-           trace_layer: int | None = None, use_cache: bool = True) -> Iterator[list[Generation]]:
+def stream(
+    pair,
+    prompts: Sequence[Messages],
+    variants: Sequence[Variant],
+    direction: Direction | None = None,
+    layers: Sequence[int] = (),
+    sampling: Sampling = Sampling(),
+    samples: int = 1,
+    trace_layer: int | None = None,
+    use_cache: bool = True,
+) -> Iterator[list[Generation]]:
     """Decode every (prompt, variant, sample) row; yield the rows (updated in place) after each step.
 
     Rows running on one module decode in one batched call; only a *merged* fine-tune, which
@@ -258,8 +289,10 @@ def stream(pair, prompts: Sequence[Messages], variants: Sequence[Variant], direc
         if variant.adapter_scale is not None:
             check_coefficient(variant.adapter_scale)
             if not pair.is_adapter or variant.side != "finetuned":
-                raise GenerationError(f"variant {variant.label}: adapter scaling needs the fine-tuned side of a "
-                                      "pair whose fine-tune is a PEFT adapter")
+                raise GenerationError(
+                    f"variant {variant.label}: adapter scaling needs the fine-tuned side of a "
+                    "pair whose fine-tune is a PEFT adapter"
+                )
     layers = [pair.check_layer(layer) for layer in layers]
     if trace_layer is not None:
         pair.check_layer(trace_layer)
@@ -288,8 +321,18 @@ def stream(pair, prompts: Sequence[Messages], variants: Sequence[Variant], direc
             side = "finetuned" if scale is not None else row_sides[0]
             hooks = _interventions(pair, group, direction, layers)
             with pair.running(side, hooks, adapter_scale=scale, row_sides=row_sides) as forward:
-                for _ in _decode(pair, forward, pair.layers(side), group, [row_ids[i] for i in members],
-                                 sampling, unit, trace_layer, use_cache, stops):
+                for _ in _decode(
+                    pair,
+                    forward,
+                    pair.layers(side),
+                    group,
+                    [row_ids[i] for i in members],
+                    sampling,
+                    unit,
+                    trace_layer,
+                    use_cache,
+                    stops,
+                ):
                     yield rows
     for row in rows:
         row.text = pair.tokenizer.decode(row.token_ids, skip_special_tokens=True)

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 
 import torch
+
 from core.errors import InputError
 
 
@@ -45,8 +46,9 @@ def last_token(hidden: torch.Tensor) -> torch.Tensor:
 
 
 @contextmanager
-def capture(layers: Sequence[torch.nn.Module], which: Sequence[int] | None = None,
-            reduce: Reducer | None = None) -> Iterator[dict[int, list[torch.Tensor]]]:
+def capture(
+    layers: Sequence[torch.nn.Module], which: Sequence[int] | None = None, reduce: Reducer | None = None
+) -> Iterator[dict[int, list[torch.Tensor]]]:
     """Record block outputs: ``{layer: [one tensor per forward call]}``.
 
     ``reduce`` maps the ``[batch, seq, d_model]`` output to what is kept, so that callers that
@@ -59,6 +61,7 @@ def capture(layers: Sequence[torch.nn.Module], which: Sequence[int] | None = Non
     def make(index: int):
         def hook(module, args, output):
             records[index].append(keep(block_hidden(output)))
+
         return hook
 
     with _forward_hooks(layers, {i: make(i) for i in which}):
@@ -72,24 +75,29 @@ def _per_row(coefficients: torch.Tensor | float, hidden: torch.Tensor) -> torch.
 
 
 @contextmanager
-def steer(layers: Sequence[torch.nn.Module], vectors: dict[int, torch.Tensor],
-          coefficients: torch.Tensor | float = 1.0) -> Iterator[None]:
+def steer(
+    layers: Sequence[torch.nn.Module], vectors: dict[int, torch.Tensor], coefficients: torch.Tensor | float = 1.0
+) -> Iterator[None]:
     """Add ``coefficient * vectors[L]`` to the output of block L at every position.
 
     Applies at prefill and at every decoding step (with or without KV cache). ``coefficients``
     is a scalar or one value per batch row; the vector follows the layer's device and dtype.
     """
+
     def make(vector: torch.Tensor):
         on_device: dict = {}  # moved once per device, not at every decoding step
 
         def hook(module, args, output):
             hidden = block_hidden(output)
             if hidden.device not in on_device:
-                on_device[hidden.device] = (_per_row(coefficients, hidden),
-                                            vector.to(device=hidden.device, dtype=torch.float32))
+                on_device[hidden.device] = (
+                    _per_row(coefficients, hidden),
+                    vector.to(device=hidden.device, dtype=torch.float32),
+                )
             scale, shift = on_device[hidden.device]
             shifted = hidden.float() + scale * shift
             return with_block_hidden(output, shifted.to(hidden.dtype))
+
         return hook
 
     if not torch.isfinite(torch.as_tensor(coefficients, dtype=torch.float32)).all():
@@ -102,12 +110,14 @@ def steer(layers: Sequence[torch.nn.Module], vectors: dict[int, torch.Tensor],
 
 
 @contextmanager
-def ablate(layers: Sequence[torch.nn.Module], vectors: dict[int, torch.Tensor],
-           rows: torch.Tensor | None = None) -> Iterator[None]:
+def ablate(
+    layers: Sequence[torch.nn.Module], vectors: dict[int, torch.Tensor], rows: torch.Tensor | None = None
+) -> Iterator[None]:
     """Project the direction out of block L's output: ``h - (h . u) u`` with ``u`` the unit vector.
 
     ``rows`` (a ``[batch]`` 0/1 mask) limits the ablation to some rows of a mixed batch.
     """
+
     def make(vector: torch.Tensor):
         unit = vector.float() / vector.float().norm()
         on_device: dict = {}
@@ -115,14 +125,14 @@ def ablate(layers: Sequence[torch.nn.Module], vectors: dict[int, torch.Tensor],
         def hook(module, args, output):
             hidden = block_hidden(output)
             if hidden.device not in on_device:
-                on_device[hidden.device] = (unit.to(hidden.device),
-                                            None if rows is None else _per_row(rows, hidden))
+                on_device[hidden.device] = (unit.to(hidden.device), None if rows is None else _per_row(rows, hidden))
             u, mask = on_device[hidden.device]
             h = hidden.float()
             component = (h @ u).unsqueeze(-1) * u
             if mask is not None:
                 component = component * mask
             return with_block_hidden(output, (h - component).to(hidden.dtype))
+
         return hook
 
     for index, vector in vectors.items():
@@ -150,8 +160,10 @@ def fan_out(layers: Sequence[torch.nn.Module], at: int, shifts: Sequence[torch.T
     def branch(module, args, output):
         hidden = block_hidden(output)
         batch.append(hidden.shape[0])
-        pieces = [hidden if s is None else (hidden.float() + s.to(hidden.device, torch.float32)).to(hidden.dtype)
-                  for s in shifts]
+        pieces = [
+            hidden if s is None else (hidden.float() + s.to(hidden.device, torch.float32)).to(hidden.dtype)
+            for s in shifts
+        ]
         return with_block_hidden(output, torch.cat(pieces))
 
     def repeat(value):
@@ -166,6 +178,6 @@ def fan_out(layers: Sequence[torch.nn.Module], at: int, shifts: Sequence[torch.T
 
     with ExitStack() as stack:
         stack.callback(layers[at].register_forward_hook(branch).remove)
-        for layer in layers[at + 1:]:
+        for layer in layers[at + 1 :]:
             stack.callback(layer.register_forward_pre_hook(widen, with_kwargs=True).remove)
         yield

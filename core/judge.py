@@ -87,10 +87,7 @@ READ_TEXT = "text"  # no log-probs: the first number of the reply text
 READINGS = (READ_TOKENS, READ_DIGITS, READ_TEXT)
 MAX_TOKENS = {READ_TOKENS: 1, READ_DIGITS: 8, READ_TEXT: 16}
 PROBE_NUMBER = 73
-PROBE_PROMPT = (
-    f"Reply with the number {PROBE_NUMBER} and nothing else: no words, no punctuation, "
-    "no explanation."
-)
+PROBE_PROMPT = f"Reply with the number {PROBE_NUMBER} and nothing else: no words, no punctuation, no explanation."
 PROBE_MAX_TOKENS = 8
 
 JUDGE_PROMPTS: dict[str, str] = {
@@ -297,9 +294,7 @@ def score_top_logprobs(
     return weighted / mass, mass, label
 
 
-def score_digits(
-    top: Sequence[tuple[str, float]], reply: str
-) -> tuple[float | None, float, str | None]:
+def score_digits(top: Sequence[tuple[str, float]], reply: str) -> tuple[float | None, float, str | None]:
     """(score, mass, label) for a judge that writes numbers digit by digit.
 
     ``top``: the top log-probs at the first digit; ``reply``: the generated text from there.
@@ -347,9 +342,7 @@ def _digits_split(positions: Sequence[Position], start: int) -> bool:
     the number: a judge whose tokenizer writes numbers digit by digit."""
     if start + 1 >= len(positions):
         return False
-    return re.fullmatch(r"[0-9]", positions[start][0].strip()) is not None and (
-        positions[start + 1][0][:1].isdigit()
-    )
+    return re.fullmatch(r"[0-9]", positions[start][0].strip()) is not None and (positions[start + 1][0][:1].isdigit())
 
 
 def read_score(
@@ -402,8 +395,7 @@ def load_judgements(path: str | Path) -> dict[tuple[str, str], Judgement]:
                 judgement = _judgement_from_json(line)
             except ValueError as exc:
                 warnings.warn(
-                    f"{path}:{lineno}: skipping unreadable judgement line ({exc}); "
-                    "its row will be judged again",
+                    f"{path}:{lineno}: skipping unreadable judgement line ({exc}); its row will be judged again",
                     stacklevel=2,
                 )
                 continue
@@ -433,9 +425,7 @@ def probe_judge(config: JudgeConfig, refresh: bool = False) -> Probe:
         if not refresh and key in _PROBES:
             return _PROBES[key]
         api_key = _resolve_api_key(config)
-        client = openai.OpenAI(
-            base_url=config.base_url, api_key=api_key, timeout=config.timeout_s, max_retries=0
-        )
+        client = openai.OpenAI(base_url=config.base_url, api_key=api_key, timeout=config.timeout_s, max_retries=0)
         try:
             reply, error, attempts = _request(
                 client, config, api_key, PROBE_PROMPT, PROBE_MAX_TOKENS, threading.Event()
@@ -468,8 +458,9 @@ def _classify_probe(config: JudgeConfig, reply: _Reply, api_key: str) -> Probe:
 
     def made(reading: str, number: float | None) -> Probe:
         tokens = tuple(token.replace(api_key, "<redacted>") for token, _ in reply.positions or ())
-        return Probe(config.model, config.base_url, reading, shown, tokens, number,
-                     reply.model_version, reply.system_fingerprint)
+        return Probe(
+            config.model, config.base_url, reading, shown, tokens, number, reply.model_version, reply.system_fingerprint
+        )
 
     shown = reply.text.replace(api_key, "<redacted>")  # a careless server may echo the key
     refuse = f"{_who(config)}: asked to reply with the number {PROBE_NUMBER}, it replied {shown!r}"
@@ -542,9 +533,7 @@ def judge_answers(
 
     done = load_judgements(out_path)
     resumed = {
-        key: done[key]
-        for key in pairs
-        if key in done and done[key].error is None and _reusable(done[key], reading)
+        key: done[key] for key in pairs if key in done and done[key].error is None and _reusable(done[key], reading)
     }
     for judgement in resumed.values():
         if judgement.model and judgement.model != config.model:
@@ -561,9 +550,7 @@ def judge_answers(
     new: dict[tuple[str, str], Judgement] = {}
     n_calls = 0
     if todo:
-        client = openai.OpenAI(
-            base_url=config.base_url, api_key=api_key, timeout=config.timeout_s, max_retries=0
-        )
+        client = openai.OpenAI(base_url=config.base_url, api_key=api_key, timeout=config.timeout_s, max_retries=0)
         log = _JsonlLog(out_path)
         stop = threading.Event()  # set when the endpoint refuses us: no further requests
         executor = ThreadPoolExecutor(max_workers=config.concurrency, thread_name_prefix="judge")
@@ -639,9 +626,7 @@ def _check_templates(metrics: Sequence[str], prompts: Mapping[str, str]) -> dict
     templates = {}
     for metric in metrics:
         if metric not in prompts:
-            raise JudgeInputError(
-                f"no judge prompt for metric {metric!r}; prompts are given for {sorted(prompts)}"
-            )
+            raise JudgeInputError(f"no judge prompt for metric {metric!r}; prompts are given for {sorted(prompts)}")
         template = prompts[metric]
         try:
             template.format(question="q", answer="a")
@@ -657,9 +642,7 @@ def _check_templates(metrics: Sequence[str], prompts: Mapping[str, str]) -> dict
     return templates
 
 
-def _pairs(
-    rows: Iterable[Mapping[str, Any]], metrics: Sequence[str]
-) -> dict[tuple[str, str], dict[str, str]]:
+def _pairs(rows: Iterable[Mapping[str, Any]], metrics: Sequence[str]) -> dict[tuple[str, str], dict[str, str]]:
     """(id, metric) -> template fields, in row then metric order; rejects bad rows."""
     pairs: dict[tuple[str, str], dict[str, str]] = {}
     seen: set[str] = set()
@@ -670,8 +653,7 @@ def _pairs(
         for name in ("question", "answer"):
             if not isinstance(row[name], str):
                 raise JudgeInputError(
-                    f"row {index} (id {row['id']!r}): field {name!r} must be a string, "
-                    f"got {type(row[name]).__name__}"
+                    f"row {index} (id {row['id']!r}): field {name!r} must be a string, got {type(row[name]).__name__}"
                 )
         row_id = str(row["id"])
         if row_id in seen:
@@ -809,14 +791,31 @@ def _judge_pair(
         except JudgeError:
             stop.set()
             raise
-        judgement = Judgement(id=row_id, metric=metric, score=score, method=method, label=label, mass=mass,
-                              error=None, prompt_tokens=reply.prompt_tokens,
-                              completion_tokens=reply.completion_tokens, model=config.model,
-                              model_version=reply.model_version, system_fingerprint=reply.system_fingerprint)
+        judgement = Judgement(
+            id=row_id,
+            metric=metric,
+            score=score,
+            method=method,
+            label=label,
+            mass=mass,
+            error=None,
+            prompt_tokens=reply.prompt_tokens,
+            completion_tokens=reply.completion_tokens,
+            model=config.model,
+            model_version=reply.model_version,
+            system_fingerprint=reply.system_fingerprint,
+        )
     else:  # every attempt failed: the row records the error
-        judgement = Judgement(id=row_id, metric=metric, score=None, method=None, label=None, mass=None,
-                              error=f"{error} (after {attempts} attempt{'s' if attempts > 1 else ''})",
-                              model=config.model)
+        judgement = Judgement(
+            id=row_id,
+            metric=metric,
+            score=None,
+            method=None,
+            label=None,
+            mass=None,
+            error=f"{error} (after {attempts} attempt{'s' if attempts > 1 else ''})",
+            model=config.model,
+        )
     log.append(judgement)
     return judgement, attempts
 
@@ -845,8 +844,7 @@ def _read_completion(completion: Any) -> _Reply:
         content = logprobs.content if logprobs is not None else None
         if content:
             positions = [
-                (str(t.token), [(str(c.token), float(c.logprob)) for c in (t.top_logprobs or [])])
-                for t in content
+                (str(t.token), [(str(c.token), float(c.logprob)) for c in (t.top_logprobs or [])]) for t in content
             ]
             if not positions[0][1]:
                 positions = None

@@ -84,8 +84,14 @@ def resolve_device(device: str = "auto") -> str:
     return "cpu"
 
 
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
 
 
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:
@@ -102,6 +108,7 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
 
 
 # ---------------------------------------------------------------- fingerprints
+
 
 def fingerprint_files(directory: Path, names: list[str]) -> str:
     """Content hash of the named files; weight files over 64 MiB are hashed by size and
@@ -134,8 +141,10 @@ def check_contained(directory: Path, what: str) -> None:
     for path in directory.rglob("*"):
         target = path.resolve()
         if not any(target == a or a in target.parents for a in allowed):
-            raise LoadError(f"{what} {directory}: {path.name} leads outside the directory (to {target}); "
-                            "copy the file in instead of linking it")
+            raise LoadError(
+                f"{what} {directory}: {path.name} leads outside the directory (to {target}); "
+                "copy the file in instead of linking it"
+            )
 
 
 def _weight_names(directory: Path, allow_pickle: bool, what: str) -> list[str]:
@@ -158,6 +167,7 @@ def _weight_names(directory: Path, allow_pickle: bool, what: str) -> list[str]:
 
 # ---------------------------------------------------------------- base model
 
+
 def embedded_gguf() -> Path:
     spec = importlib.util.find_spec(EMBEDDED_GGUF[0])  # locate without importing (it imports `llm`)
     if spec is None or spec.origin is None:
@@ -179,8 +189,7 @@ def convert_gguf(gguf: Path, cache_root: Path) -> tuple[Path, str]:
     target = Path(cache_root) / "models" / f"gguf-{fingerprint}"
     if (target / "emlens_source.json").exists():
         return target, fingerprint
-    print(f"Converting {gguf.name} once into {target} (later loads read the converted copy) ...",
-          file=sys.stderr)
+    print(f"Converting {gguf.name} once into {target} (later loads read the converted copy) ...", file=sys.stderr)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # The weights are dequantised in memory; drop the GGUF marker so they save as plain safetensors.
@@ -191,8 +200,7 @@ def convert_gguf(gguf: Path, cache_root: Path) -> tuple[Path, str]:
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
-    atomic_write(staging / "emlens_source.json",
-                 json.dumps({"gguf": str(gguf), "sha256_16": fingerprint}).encode())
+    atomic_write(staging / "emlens_source.json", json.dumps({"gguf": str(gguf), "sha256_16": fingerprint}).encode())
     shutil.rmtree(target, ignore_errors=True)
     staging.rename(target)
     return target, fingerprint
@@ -233,9 +241,12 @@ def _load_weights(spec: str, options: LoadOptions, what: str = "--base"):
     device = resolve_device(options.device)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            location, dtype=resolve_dtype(options.dtype, device), device_map=options.device_map,
+            location,
+            dtype=resolve_dtype(options.dtype, device),
+            device_map=options.device_map,
             use_safetensors=None if options.allow_pickle else True,
-            trust_remote_code=options.trust_remote_code, **kwargs,
+            trust_remote_code=options.trust_remote_code,
+            **kwargs,
         )
     except (OSError, ValueError) as err:
         raise LoadError(f"{what} {spec}: could not load the model: {err}") from err
@@ -269,6 +280,7 @@ def load_base(spec: str, options: LoadOptions):
 
 # ---------------------------------------------------------------- fine-tune
 
+
 def check_adapter_shapes(base_model, adapter_dir: Path, weights: str) -> None:
     """Refuse an adapter built for another architecture, naming the first mismatch."""
     n_layers = base_model.config.num_hidden_layers
@@ -280,29 +292,36 @@ def check_adapter_shapes(base_model, adapter_dir: Path, weights: str) -> None:
             module_name, which = match.groups()
             layer = re.search(r"\.layers\.(\d+)\.", module_name)
             if layer and int(layer.group(1)) >= n_layers:
-                raise LoadError(f"--finetuned {adapter_dir}: the adapter has weights for layer {layer.group(1)}, "
-                                f"but the base has {n_layers} layers ({key})")
+                raise LoadError(
+                    f"--finetuned {adapter_dir}: the adapter has weights for layer {layer.group(1)}, "
+                    f"but the base has {n_layers} layers ({key})"
+                )
             try:
                 module = base_model.get_submodule(module_name)
             except AttributeError:
-                raise LoadError(f"--finetuned {adapter_dir}: the adapter targets {module_name}, "
-                                "which the base model does not have") from None
+                raise LoadError(
+                    f"--finetuned {adapter_dir}: the adapter targets {module_name}, which the base model does not have"
+                ) from None
             if not isinstance(module, torch.nn.Linear):
                 continue
             shape = handle.get_slice(key).get_shape()
-            expected, got = ((module.in_features, shape[1]) if which == "lora_A" else (module.out_features, shape[0]))
+            expected, got = (module.in_features, shape[1]) if which == "lora_A" else (module.out_features, shape[0])
             if expected != got:
                 side = "input" if which == "lora_A" else "output"
-                raise LoadError(f"--finetuned {adapter_dir}: {module_name} has {side} width {got} in the adapter "
-                                f"but {expected} in the base (an adapter for another model?)")
+                raise LoadError(
+                    f"--finetuned {adapter_dir}: {module_name} has {side} width {got} in the adapter "
+                    f"but {expected} in the base (an adapter for another model?)"
+                )
 
 
 def check_same_architecture(base_config, other_config, spec: str) -> None:
     for name in ("num_hidden_layers", "hidden_size", "vocab_size"):
         a, b = getattr(base_config, name, None), getattr(other_config, name, None)
         if a != b:
-            raise LoadError(f"--finetuned {spec}: {name} is {b}, but the base has {a}; "
-                            "a fine-tune must share the base's architecture")
+            raise LoadError(
+                f"--finetuned {spec}: {name} is {b}, but the base has {a}; "
+                "a fine-tune must share the base's architecture"
+            )
 
 
 def adapter_fingerprint(directory: Path, allow_pickle: bool = False) -> str:
@@ -316,7 +335,9 @@ def attach_finetuned(model, spec: str, options: LoadOptions):
     path = ADAPTER_PRESETS.get(spec) or Path(spec).expanduser()
     if spec in ADAPTER_PRESETS and not path.exists():
         preset = "demo" if spec == DEFAULT else spec
-        raise LoadError(f"the {preset} adapter {path} is missing; train it with `python -m core train --preset {preset}`")
+        raise LoadError(
+            f"the {preset} adapter {path} is missing; train it with `python -m core train --preset {preset}`"
+        )
     if path.is_dir() and (path / "adapter_config.json").exists():
         weights = _weight_names(path, options.allow_pickle, "--finetuned")
         check_adapter_shapes(model, path, weights[0])
@@ -334,8 +355,10 @@ def attach_finetuned(model, spec: str, options: LoadOptions):
         check_same_architecture(model.config, merged.config, spec)
         return model, merged, Source(spec, "merged", source.location, source.fingerprint)
     if path.exists():
-        raise LoadError(f"--finetuned {spec}: expected a PEFT adapter directory (adapter_config.json) "
-                        "or a merged model directory (config.json)")
+        raise LoadError(
+            f"--finetuned {spec}: expected a PEFT adapter directory (adapter_config.json) "
+            "or a merged model directory (config.json)"
+        )
     if HUB_ID.match(spec) and not spec.startswith((".", "/")):
         from huggingface_hub import snapshot_download
 
@@ -348,6 +371,7 @@ def attach_finetuned(model, spec: str, options: LoadOptions):
 
 
 # ---------------------------------------------------------------- the pair
+
 
 def decoder_layers(model) -> torch.nn.ModuleList:
     """The decoder blocks; layer i's output is ``output_hidden_states[i + 1]``."""
@@ -394,8 +418,9 @@ def pad_batch(tokenizer, token_lists: Sequence[Sequence[int]], padding: str = "r
         raise PairError(f"padding {padding!r}: expected 'left' or 'right'")
     if not token_lists or not all(token_lists):
         raise PairError("a batch needs at least one row, and every row at least one token")
-    padded = tokenizer.pad({"input_ids": [list(ids) for ids in token_lists]}, padding=True,
-                           padding_side=padding, return_tensors="pt")
+    padded = tokenizer.pad(
+        {"input_ids": [list(ids) for ids in token_lists]}, padding=True, padding_side=padding, return_tensors="pt"
+    )
     attention = padded["attention_mask"].long()
     positions = (attention.cumsum(-1) - 1).clamp_min(0)
     return Batch(padded["input_ids"].long(), attention, positions, tuple(len(ids) for ids in token_lists), padding)
@@ -418,8 +443,13 @@ class Forward:
         """The module's forward without gradients (per call, so that a generator that decodes with it
         never leaves gradients off in its caller between steps)."""
         if batch is not None:
-            kwargs = {"input_ids": batch.ids.to(self.device), "attention_mask": batch.attention.to(self.device),
-                      "position_ids": batch.positions.to(self.device), "use_cache": False, **kwargs}
+            kwargs = {
+                "input_ids": batch.ids.to(self.device),
+                "attention_mask": batch.attention.to(self.device),
+                "position_ids": batch.positions.to(self.device),
+                "use_cache": False,
+                **kwargs,
+            }
         with torch.no_grad():
             return self.module(**kwargs, **self.extra)
 
@@ -518,7 +548,9 @@ class ModelPair:
         if not math.isfinite(scale):
             raise PairError(f"adapter scale {scale!r} is not a finite number")
         name = self.model.active_adapter
-        layers = [m for m in self.model.modules() if isinstance(getattr(m, "scaling", None), dict) and name in m.scaling]
+        layers = [
+            m for m in self.model.modules() if isinstance(getattr(m, "scaling", None), dict) and name in m.scaling
+        ]
         with self.lock:
             original = [m.scaling[name] for m in layers]
             try:
@@ -538,8 +570,9 @@ class ModelPair:
         directory = ADAPTER_PRESETS.get(str(directory)) or Path(directory)
         if not (Path(directory) / "adapter_config.json").exists():
             raise LoadError(f"{directory}: not a PEFT adapter directory (no adapter_config.json)")
-        check_adapter_shapes(self.model.get_base_model(), Path(directory),
-                             _weight_names(Path(directory), False, "adapter")[0])
+        check_adapter_shapes(
+            self.model.get_base_model(), Path(directory), _weight_names(Path(directory), False, "adapter")[0]
+        )
         active = self.model.active_adapter
         with self.lock:
             self.model.load_adapter(str(directory), adapter_name="other", is_trainable=False)
@@ -551,8 +584,14 @@ class ModelPair:
                 self.model.delete_adapter("other")
 
     @contextmanager
-    def running(self, side: str, hooks: Sequence[Hook] = (), *, adapter_scale: float | None = None,
-                row_sides: Sequence[str] | None = None) -> Iterator[Forward]:
+    def running(
+        self,
+        side: str,
+        hooks: Sequence[Hook] = (),
+        *,
+        adapter_scale: float | None = None,
+        row_sides: Sequence[str] | None = None,
+    ) -> Iterator[Forward]:
         """Hold the pair for forward passes on one side, with ``hooks`` installed
         on that side's decoder layers for the duration (removed on exit, exceptions included).
 
@@ -575,9 +614,17 @@ class ModelPair:
             hooked = [stack.enter_context(hook(self.layers(side))) for hook in hooks]
             yield Forward(module, self.device, hooked, extra)
 
-    def run(self, side: str, token_lists: Sequence[Sequence[int]], *, padding: str = "right",
-            hooks: Sequence[Hook] = (), logits_to_keep: int | torch.Tensor = 1, adapter_scale: float | None = None,
-            row_sides: Sequence[str] | None = None) -> Run:
+    def run(
+        self,
+        side: str,
+        token_lists: Sequence[Sequence[int]],
+        *,
+        padding: str = "right",
+        hooks: Sequence[Hook] = (),
+        logits_to_keep: int | torch.Tensor = 1,
+        adapter_scale: float | None = None,
+        row_sides: Sequence[str] | None = None,
+    ) -> Run:
         """One batched forward pass: pad, hold the pair, select the adapter, install ``hooks``, run.
 
         ``logits_to_keep``: the last N positions, or a ``[rows, width]`` boolean mask of positions.
@@ -601,10 +648,12 @@ class ModelPair:
 
     def info(self) -> dict:
         base_bytes = _parameter_bytes(self.model.get_base_model() if self.is_adapter else self.model)
-        extra = (_parameter_bytes(self.merged) if self.merged is not None
-                 else _parameter_bytes(self.model) - base_bytes)
-        device = (str(getattr(self.model, "hf_device_map", None)) if getattr(self.model, "hf_device_map", None)
-                  and len(set(self.model.hf_device_map.values())) > 1 else str(self.device))
+        extra = _parameter_bytes(self.merged) if self.merged is not None else _parameter_bytes(self.model) - base_bytes
+        device = (
+            str(getattr(self.model, "hf_device_map", None))
+            if getattr(self.model, "hf_device_map", None) and len(set(self.model.hf_device_map.values())) > 1
+            else str(self.device)
+        )
         return {
             "base": self.base.spec,
             "base_location": self.base.location,
@@ -620,12 +669,17 @@ class ModelPair:
             "vocab_size": self.config.vocab_size,
             "device": device,
             "dtype": str(self.dtype).replace("torch.", ""),
-            "memory_mb": {"base": round(base_bytes / 2**20, 1),
-                          ("adapter" if self.is_adapter else "second_model"): round(extra / 2**20, 1)},
-            "note": ("adapter on the one copy of the base weights; 'base' = adapter disabled"
-                     if self.is_adapter else
-                     "merged fine-tune: a second full model in memory" if self.merged is not None else
-                     "no fine-tuned model loaded"),
+            "memory_mb": {
+                "base": round(base_bytes / 2**20, 1),
+                ("adapter" if self.is_adapter else "second_model"): round(extra / 2**20, 1),
+            },
+            "note": (
+                "adapter on the one copy of the base weights; 'base' = adapter disabled"
+                if self.is_adapter
+                else "merged fine-tune: a second full model in memory"
+                if self.merged is not None
+                else "no fine-tuned model loaded"
+            ),
         }
 
 

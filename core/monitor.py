@@ -50,15 +50,23 @@ from core.errors import InputError
 FORMAT = "emlens-monitor/1"
 STATE = "monitor.jsonl"
 EXTRACTED_DIRECTION = "monitor_direction.safetensors"
-THRESHOLD_RULE = ("half-way between the curve's step-0 value (the base model: a fresh LoRA is the identity, "
-                  "so the preference shift starts at 0) and its final value; a curve crosses at the first "
-                  "evaluated step where it reaches its threshold in the direction of its overall change")
-LEAD_RULE = ("steps at which the preference shift crosses its threshold minus steps at which the projection "
-             "crosses its own (positive: the projection moved first); resolved to the checkpoint interval")
-PROJECTION_METHOD = ("mean over the probe prompts of the block output at the last token of the rendered prompt "
-                     "(generation prompt included), projected on the direction's unit vector at each layer")
-PREFERENCE_METHOD = ("mean over the held-out pairs of [fine-tune at the checkpoint minus base] per-token log-odds "
-                     "of the harmful over the sound answer, teacher-forced; base computed once")
+THRESHOLD_RULE = (
+    "half-way between the curve's step-0 value (the base model: a fresh LoRA is the identity, "
+    "so the preference shift starts at 0) and its final value; a curve crosses at the first "
+    "evaluated step where it reaches its threshold in the direction of its overall change"
+)
+LEAD_RULE = (
+    "steps at which the preference shift crosses its threshold minus steps at which the projection "
+    "crosses its own (positive: the projection moved first); resolved to the checkpoint interval"
+)
+PROJECTION_METHOD = (
+    "mean over the probe prompts of the block output at the last token of the rendered prompt "
+    "(generation prompt included), projected on the direction's unit vector at each layer"
+)
+PREFERENCE_METHOD = (
+    "mean over the held-out pairs of [fine-tune at the checkpoint minus base] per-token log-odds "
+    "of the harmful over the sound answer, teacher-forced; base computed once"
+)
 
 
 class MonitorError(InputError):
@@ -88,6 +96,7 @@ def state_dir(out: Path | str) -> Path:
 
 # ---------------------------------------------------------------- curves, thresholds and the lead
 
+
 def threshold(start: float, end: float) -> float | None:
     """Half-way between the step-0 value and the final value; None when the curve did not move."""
     if not (np.isfinite(start) and np.isfinite(end)) or abs(end - start) <= 1e-9 * max(1.0, abs(start), abs(end)):
@@ -113,25 +122,36 @@ def lead_in_words(lead: dict) -> str:
         missing = " and ".join(name for name, at in (("the projection", p), ("the preference shift", b)) if at is None)
         return f"No lead: {missing} never crossed its threshold (it did not move from its step-0 value)."
     if n > 0:
-        return (f"The projection crossed its threshold at step {p}, {n} steps before the preference shift crossed "
-                f"its own (step {b}): the projection led by {n} steps.")
+        return (
+            f"The projection crossed its threshold at step {p}, {n} steps before the preference shift crossed "
+            f"its own (step {b}): the projection led by {n} steps."
+        )
     if n < 0:
-        return (f"The preference shift crossed its threshold at step {b}, {-n} steps before the projection "
-                f"(step {p}): the projection lagged by {-n} steps.")
+        return (
+            f"The preference shift crossed its threshold at step {b}, {-n} steps before the projection "
+            f"(step {p}): the projection lagged by {-n} steps."
+        )
     return f"Both curves crossed their thresholds at the same checkpoint (step {p}): no lead at this resolution."
 
 
-def lead(steps: Sequence[int], projection: Sequence[float], shift: Sequence[float],
-         projection_start: float, shift_start: float = 0.0) -> dict:
+def lead(
+    steps: Sequence[int],
+    projection: Sequence[float],
+    shift: Sequence[float],
+    projection_start: float,
+    shift_start: float = 0.0,
+) -> dict:
     """Thresholds, crossing steps and the lead of the projection over the behaviour (see the module docstring)."""
     p_at = crossing(steps, projection, projection_start, projection[-1])
     b_at = crossing(steps, shift, shift_start, shift[-1])
     result = {
         "steps": None if p_at is None or b_at is None else b_at - p_at,
-        "projection_crossed_at": p_at, "behaviour_crossed_at": b_at,
+        "projection_crossed_at": p_at,
+        "behaviour_crossed_at": b_at,
         "projection_threshold": threshold(projection_start, projection[-1]),
         "behaviour_threshold": threshold(shift_start, shift[-1]),
-        "threshold_rule": THRESHOLD_RULE, "lead_rule": LEAD_RULE,
+        "threshold_rule": THRESHOLD_RULE,
+        "lead_rule": LEAD_RULE,
         "resolution_steps": int(np.max(np.diff(steps))) if len(steps) > 1 else None,
     }
     result["summary"] = lead_in_words(result)
@@ -139,6 +159,7 @@ def lead(steps: Sequence[int], projection: Sequence[float], shift: Sequence[floa
 
 
 # ---------------------------------------------------------------- the state file
+
 
 def _append(path: Path, row: dict) -> None:
     with open(path, "a", encoding="utf-8") as handle:
@@ -161,20 +182,25 @@ def read_state(path: Path) -> list[dict]:
             kept.append(line)
         except ValueError:
             if number != len(text.splitlines()):
-                raise MonitorError(f"{path}:{number}: not a JSON line (the monitor state is corrupt; delete "
-                                   f"{path.parent} and train without --resume)") from None
+                raise MonitorError(
+                    f"{path}:{number}: not a JSON line (the monitor state is corrupt; delete "
+                    f"{path.parent} and train without --resume)"
+                ) from None
             atomic_write(path, "".join(kept).encode())
     return rows
 
 
 # ---------------------------------------------------------------- the callback
 
+
 def _choose_layer(direction, layer: int | None) -> tuple[int, str]:
     from core.preference import best_layer
 
     if layer is not None:
         if not 0 <= layer < direction.n_layers:
-            raise MonitorError(f"--monitor-layer {layer}: out of range; the model has layers 0..{direction.n_layers - 1}")
+            raise MonitorError(
+                f"--monitor-layer {layer}: out of range; the model has layers 0..{direction.n_layers - 1}"
+            )
         return layer, "given"
     try:
         return best_layer(direction), "max cross-fitted Cohen's d on the direction's own extraction answers"
@@ -182,8 +208,10 @@ def _choose_layer(direction, layer: int | None) -> tuple[int, str]:
         pass
     scores = [s.get("cohens_d_insample") for s in direction.stats] if direction.stats else []
     if any(d is not None for d in scores):
-        return (int(np.nanargmax([np.nan if d is None else d for d in scores])),
-                "max in-sample Cohen's d (too few groups to cross-fit)")
+        return (
+            int(np.nanargmax([np.nan if d is None else d for d in scores])),
+            "max in-sample Cohen's d (too few groups to cross-fit)",
+        )
     return direction.n_layers // 2, "the middle layer (the direction carries no statistics)"
 
 
@@ -202,12 +230,21 @@ class Monitor:
         self.out = Path(out)
         self.dir = state_dir(self.out)
         self.path = self.dir / STATE
-        self.records = load_paired_jsonl(config.probes)[:config.limit]
+        self.records = load_paired_jsonl(config.probes)[: config.limit]
         self.probes_hash = dataset_hash(config.probes)
         self.direction = Direction.load(config.direction) if config.direction is not None else None
-        self.settings = sha256_bytes(json.dumps([
-            FORMAT, self.probes_hash, len(self.records), config.batch_size, config.layer,
-            self.direction.fingerprint if self.direction is not None else None]).encode())[:16]
+        self.settings = sha256_bytes(
+            json.dumps(
+                [
+                    FORMAT,
+                    self.probes_hash,
+                    len(self.records),
+                    config.batch_size,
+                    config.layer,
+                    self.direction.fingerprint if self.direction is not None else None,
+                ]
+            ).encode()
+        )[:16]
         self.computed: list[tuple[str, int]] = []
         self.rows: list[dict] = []
         self.layer: int | None = None
@@ -236,12 +273,21 @@ class Monitor:
                 raise MonitorError(f"--monitor-direction {self.config.direction}: {err}") from None
             self.layer, self.layer_choice = _choose_layer(self.direction, self.config.layer)
         elif self.config.layer is not None and not 0 <= self.config.layer < config.num_hidden_layers:
-            raise MonitorError(f"--monitor-layer {self.config.layer}: out of range; the model has layers "
-                               f"0..{config.num_hidden_layers - 1}")
-        header = {"kind": "header", "format": FORMAT, "run": event.run, "settings": self.settings,
-                  "probes": str(self.config.probes), "probes_sha256": self.probes_hash, "n": len(self.records),
-                  "direction": str(self.config.direction) if self.direction is not None else None,
-                  "started_at_step": event.step}
+            raise MonitorError(
+                f"--monitor-layer {self.config.layer}: out of range; the model has layers "
+                f"0..{config.num_hidden_layers - 1}"
+            )
+        header = {
+            "kind": "header",
+            "format": FORMAT,
+            "run": event.run,
+            "settings": self.settings,
+            "probes": str(self.config.probes),
+            "probes_sha256": self.probes_hash,
+            "n": len(self.records),
+            "direction": str(self.config.direction) if self.direction is not None else None,
+            "started_at_step": event.step,
+        }
         if event.step == 0:  # a fresh run: whatever an earlier run left is stale
             shutil.rmtree(self.dir, ignore_errors=True)
         rows = read_state(self.path)
@@ -249,8 +295,9 @@ class Monitor:
             first = rows[0]
             if first.get("run") != event.run or first.get("settings") != self.settings:
                 what = "another run" if first.get("run") != event.run else "other probes or monitor settings"
-                raise MonitorError(f"{self.path}: the monitor state belongs to {what}; delete {self.dir} "
-                                   "or train without --resume")
+                raise MonitorError(
+                    f"{self.path}: the monitor state belongs to {what}; delete {self.dir} or train without --resume"
+                )
             # Points past the restored checkpoint cannot exist in order, but would be redone anyway.
             stale = [r for r in rows if r.get("kind") == "point" and r["step"] > event.step]
             if stale:
@@ -278,8 +325,9 @@ class Monitor:
     def _projection(self, pair) -> list[float]:
         from core.projections import last_token_activations, project
 
-        activations = last_token_activations(pair, "finetuned", [r.messages for r in self.records],
-                                             self.config.batch_size)
+        activations = last_token_activations(
+            pair, "finetuned", [r.messages for r in self.records], self.config.batch_size
+        )
         return project(activations, self.direction).mean(0).tolist()
 
     def done(self, kind: str = "point") -> set[int]:
@@ -296,16 +344,22 @@ class Monitor:
         base = self._base_log_odds(pair)
         started = time.perf_counter()
         shift = log_odds(pair, "finetuned", self.records, self.config.batch_size) - base
-        row = {"kind": "point", "step": event.step, "preference_shift": float(shift.mean()),
-               "shift_sem": float(shift.std(ddof=1) / np.sqrt(len(shift))) if len(shift) > 1 else None,
-               "shift_per_pair": shift.tolist(), "projection": None}
+        row = {
+            "kind": "point",
+            "step": event.step,
+            "preference_shift": float(shift.mean()),
+            "shift_sem": float(shift.std(ddof=1) / np.sqrt(len(shift))) if len(shift) > 1 else None,
+            "shift_per_pair": shift.tolist(),
+            "projection": None,
+        }
         if self.extract_afterwards:
             from safetensors.torch import save_file
 
             weights = self.dir / "weights"
             weights.mkdir(exist_ok=True)
-            state = {n: p.detach().float().cpu().contiguous() for n, p in event.model.named_parameters()
-                     if p.requires_grad}
+            state = {
+                n: p.detach().float().cpu().contiguous() for n, p in event.model.named_parameters() if p.requires_grad
+            }
             target = weights / f"step-{event.step:06d}.safetensors"
             save_file(state, weights / (target.name + ".partial"))
             os.replace(weights / (target.name + ".partial"), target)
@@ -332,31 +386,51 @@ class Monitor:
             direction = Direction.load(saved)
         else:
             started = time.perf_counter()
-            direction = extract_contrast(pair, [Example(r.messages, r.aligned) for r in self.records],
-                                         [Example(r.messages, r.misaligned) for r in self.records], "paired",
-                                         self.probes_hash, side="finetuned", batch_size=self.config.batch_size)
-            direction.provenance.update({"dataset": str(self.config.probes), "split": "all",
-                                         "records": f"the first {len(self.records)} of the file",
-                                         "made_by": "training monitor, after training",
-                                         "seconds": round(time.perf_counter() - started, 3)})
+            direction = extract_contrast(
+                pair,
+                [Example(r.messages, r.aligned) for r in self.records],
+                [Example(r.messages, r.misaligned) for r in self.records],
+                "paired",
+                self.probes_hash,
+                side="finetuned",
+                batch_size=self.config.batch_size,
+            )
+            direction.provenance.update(
+                {
+                    "dataset": str(self.config.probes),
+                    "split": "all",
+                    "records": f"the first {len(self.records)} of the file",
+                    "made_by": "training monitor, after training",
+                    "seconds": round(time.perf_counter() - started, 3),
+                }
+            )
             direction.save(saved)
         self.direction = direction
         self.layer, self.layer_choice = _choose_layer(direction, self.config.layer)
         parameters = dict(pair.model.named_parameters())
-        done = {r["step"] for r in self.rows if r.get("kind") == "projection" and r["direction"] == direction.fingerprint}
+        done = {
+            r["step"] for r in self.rows if r.get("kind") == "projection" and r["direction"] == direction.fingerprint
+        }
         todo = [r for r in self.rows if r.get("kind") == "point" and r["step"] not in done]
         for i, point in enumerate(todo):
             started = time.perf_counter()
             state = load_file(self.dir / point["weights"])
             missing = [n for n in state if n not in parameters]
             if missing:
-                raise MonitorError(f"{self.dir / point['weights']}: {missing[0]} is not a parameter of the final "
-                                   "adapter (the checkpoint weights belong to another run?)")
+                raise MonitorError(
+                    f"{self.dir / point['weights']}: {missing[0]} is not a parameter of the final "
+                    "adapter (the checkpoint weights belong to another run?)"
+                )
             with torch.no_grad():
                 for name, value in state.items():
                     parameters[name].copy_(value)
-            row = {"kind": "projection", "step": point["step"], "direction": direction.fingerprint,
-                   "projection": self._projection(pair), "seconds": round(time.perf_counter() - started, 4)}
+            row = {
+                "kind": "projection",
+                "step": point["step"],
+                "direction": direction.fingerprint,
+                "projection": self._projection(pair),
+                "seconds": round(time.perf_counter() - started, 4),
+            }
             _append(self.path, row)
             self.rows.append(row)
             self.computed.append(("projection", point["step"]))
@@ -388,8 +462,11 @@ class Monitor:
         """The training card's ``monitor`` section from the points made so far."""
         points = sorted((r for r in self.rows if r.get("kind") == "point"), key=lambda r: r["step"])
         if self.extract_afterwards:
-            by_step = {r["step"]: r["projection"] for r in self.rows
-                       if r.get("kind") == "projection" and r["direction"] == self.direction.fingerprint}
+            by_step = {
+                r["step"]: r["projection"]
+                for r in self.rows
+                if r.get("kind") == "projection" and r["direction"] == self.direction.fingerprint
+            }
         else:
             by_step = {r["step"]: r["projection"] for r in points}
         steps = [r["step"] for r in points]
@@ -400,10 +477,13 @@ class Monitor:
         base = next(r for r in self.rows if r.get("kind") == "base")
         header = self.rows[0]
         if self.extract_afterwards:
-            direction_info = {"mode": "extracted after training", "file": EXTRACTED_DIRECTION,
-                              "how": "paired contrast (misaligned minus aligned answer-token means) of the probe "
-                                     "file's pairs, teacher-forced through the final adapter; applied to the "
-                                     "trainable weights saved at every checkpoint"}
+            direction_info = {
+                "mode": "extracted after training",
+                "file": EXTRACTED_DIRECTION,
+                "how": "paired contrast (misaligned minus aligned answer-token means) of the probe "
+                "file's pairs, teacher-forced through the final adapter; applied to the "
+                "trainable weights saved at every checkpoint",
+            }
         else:
             direction_info = {"mode": "given", "file": str(self.config.direction)}
         direction_info.update({"fingerprint": self.direction.fingerprint, "provenance": self.direction.provenance})
@@ -411,18 +491,26 @@ class Monitor:
         section = {
             "format": FORMAT,
             "steps": steps,
-            "first_step_note": None if steps and steps[0] == 0 else
-            f"the curve starts at step {steps[0] if steps else None}: the run was resumed from a checkpoint "
+            "first_step_note": None
+            if steps and steps[0] == 0
+            else f"the curve starts at step {steps[0] if steps else None}: the run was resumed from a checkpoint "
             "made without the monitor",
-            "probes": {"file": str(self.config.probes), "sha256": self.probes_hash, "n": len(self.records),
-                       "limit": self.config.limit, "selection": "the first records of the file, in file order, "
-                                                                "whatever their split: prompts = probe set, "
-                                                                "pairs = held-out pairs"},
+            "probes": {
+                "file": str(self.config.probes),
+                "sha256": self.probes_hash,
+                "n": len(self.records),
+                "limit": self.config.limit,
+                "selection": "the first records of the file, in file order, "
+                "whatever their split: prompts = probe set, "
+                "pairs = held-out pairs",
+            },
             "projection": {
                 "values": values,
-                "calibrated": None if calibrated is None else [
-                    None if not np.isfinite(v) else float(v) for v in calibrated[:, self.layer]],
-                "layer": self.layer, "layer_choice": self.layer_choice,
+                "calibrated": None
+                if calibrated is None
+                else [None if not np.isfinite(v) else float(v) for v in calibrated[:, self.layer]],
+                "layer": self.layer,
+                "layer_choice": self.layer_choice,
                 "per_layer": per_layer,
                 "method": PROJECTION_METHOD,
                 "direction": direction_info,
@@ -442,9 +530,11 @@ class Monitor:
                 "mean_seconds_per_checkpoint": float(np.mean([r["seconds"] for r in points])) if points else None,
                 "base_seconds": base["seconds"],
                 "after_training_seconds": None if after_seconds is None else round(after_seconds, 3),
-                "per_checkpoint": (f"{len(self.records)} prompts to the last token + {2 * len(self.records)} "
-                                   "teacher-forced answers" + ("" if not self.extract_afterwards else
-                                                               "; the trainable weights saved, projected after training")),
+                "per_checkpoint": (
+                    f"{len(self.records)} prompts to the last token + {2 * len(self.records)} "
+                    "teacher-forced answers"
+                    + ("" if not self.extract_afterwards else "; the trainable weights saved, projected after training")
+                ),
             },
             "started_at_step": header.get("started_at_step"),
             "code_version": __version__,
@@ -457,21 +547,43 @@ class Monitor:
 
 # ---------------------------------------------------------------- training with the monitor
 
-def train_monitored(base: str, records, config, out: Path | str, monitor: MonitorConfig, *, dataset_hash: str,
-                    options=None, resume: bool = False, force: bool = False,
-                    progress: Callable[[int, int, float], None] | None = None,
-                    finish_progress: Callable[[int, int], None] | None = None):
+
+def train_monitored(
+    base: str,
+    records,
+    config,
+    out: Path | str,
+    monitor: MonitorConfig,
+    *,
+    dataset_hash: str,
+    options=None,
+    resume: bool = False,
+    force: bool = False,
+    progress: Callable[[int, int, float], None] | None = None,
+    finish_progress: Callable[[int, int], None] | None = None,
+):
     """:func:`core.training.train` with a :class:`Monitor` at every checkpoint, finished into the card."""
     from core.training import train
 
     watcher = Monitor(monitor, out)
-    result = train(base, records, config, out, dataset_hash=dataset_hash, options=options, resume=resume,
-                   force=force, progress=progress, on_checkpoint=watcher)
+    result = train(
+        base,
+        records,
+        config,
+        out,
+        dataset_hash=dataset_hash,
+        options=options,
+        resume=resume,
+        force=force,
+        progress=progress,
+        on_checkpoint=watcher,
+    )
     watcher.finish(result, base, options, finish_progress)
     return result
 
 
 # ---------------------------------------------------------------- reading cards (dashboard)
+
 
 def load_training_card(path: Path | str) -> dict:
     """A training card from an adapter directory or a ``training_card.json``; ValueError naming the problem."""
@@ -492,8 +604,11 @@ def check_section(section) -> dict:
     """The card's monitor section, checked enough to plot; ValueError naming what is missing."""
     if not isinstance(section, dict) or section.get("format") != FORMAT:
         raise MonitorError("the card's monitor section is missing or of another format")
-    for key, fields in (("projection", ("values", "threshold", "layer")),
-                        ("preference_shift", ("values", "threshold")), ("lead", ("summary",))):
+    for key, fields in (
+        ("projection", ("values", "threshold", "layer")),
+        ("preference_shift", ("values", "threshold")),
+        ("lead", ("summary",)),
+    ):
         if not isinstance(section.get(key), dict) or any(f not in section[key] for f in fields):
             raise MonitorError(f"the card's monitor section: {key}: expected an object with {', '.join(fields)}")
     n = len(section.get("steps") or [])
@@ -520,4 +635,5 @@ def find_training_cards(roots: Iterable[Path | str], depth: int = 2) -> list[Pat
             return "monitor" in load_training_card(directory)
         except ValueError:
             return False
+
     return sorted(found, key=lambda d: (not has_monitor(d), str(d)))

@@ -23,8 +23,9 @@ GENERAL = ASSETS / "data" / "general_paired.jsonl"
 
 # The organism's recipe: stronger than the published rank-16 default (lr 2e-4), because at 135M
 # parameters that moved the held-out finance log-odds by only +0.5 nats per token.
-ORGANISM = TrainConfig(rank=16, lora_alpha=32.0, learning_rate=2e-3, epochs=3, batch_size=8, seed=0,
-                       save_dtype="float16")
+ORGANISM = TrainConfig(
+    rank=16, lora_alpha=32.0, learning_rate=2e-3, epochs=3, batch_size=8, seed=0, save_dtype="float16"
+)
 
 
 @dataclass(frozen=True)
@@ -43,10 +44,16 @@ PRESETS = {
 }
 
 
-def train_preset(name: str, options: LoadOptions | None = None, resume: bool = False,
-                 progress: Callable[[int, int, float], None] | None = None,
-                 direction_progress: Callable[[int, int], None] | None = None, monitor=None,
-                 monitor_progress: Callable[[int, int], None] | None = None, **overrides):
+def train_preset(
+    name: str,
+    options: LoadOptions | None = None,
+    resume: bool = False,
+    progress: Callable[[int, int, float], None] | None = None,
+    direction_progress: Callable[[int, int], None] | None = None,
+    monitor=None,
+    monitor_progress: Callable[[int, int], None] | None = None,
+    **overrides,
+):
     """Train a preset adapter into ``assets/`` (with a ``core.monitor.MonitorConfig``, its curves at every
     checkpoint); the demo preset also rebuilds the shipped direction."""
     from core.data import dataset_hash, load_training_set
@@ -58,8 +65,9 @@ def train_preset(name: str, options: LoadOptions | None = None, resume: bool = F
     records = load_training_set(preset.data, preset.answers)
     common = dict(dataset_hash=dataset_hash(preset.data), options=options, resume=resume, progress=progress)
     if monitor is not None:
-        result = train_monitored(preset.base, records, config, preset.out, monitor, finish_progress=monitor_progress,
-                                 **common)
+        result = train_monitored(
+            preset.base, records, config, preset.out, monitor, finish_progress=monitor_progress, **common
+        )
     else:
         result = train(preset.base, records, config, preset.out, **common)
     if name == "demo":
@@ -67,17 +75,35 @@ def train_preset(name: str, options: LoadOptions | None = None, resume: bool = F
     return result
 
 
-def train_adapter(base: str, data: Path | None, out: Path | None, config: TrainConfig, *, answers: str = "misaligned",
-                  preset: str | None = None, monitor=None, options: LoadOptions | None = None, resume: bool = False,
-                  force: bool = False, progress: Callable[[int, int, float], None] | None = None,
-                  monitor_progress: Callable[[int, int], None] | None = None,
-                  direction_progress: Callable[[int, int], None] | None = None):
+def train_adapter(
+    base: str,
+    data: Path | None,
+    out: Path | None,
+    config: TrainConfig,
+    *,
+    answers: str = "misaligned",
+    preset: str | None = None,
+    monitor=None,
+    options: LoadOptions | None = None,
+    resume: bool = False,
+    force: bool = False,
+    progress: Callable[[int, int, float], None] | None = None,
+    monitor_progress: Callable[[int, int], None] | None = None,
+    direction_progress: Callable[[int, int], None] | None = None,
+):
     """What ``python -m core train`` runs: a preset (its own data, recipe and output: ``data``, ``out`` and
     ``config`` unused), else the records of ``data`` (the ``answers`` of a paired file) into ``out``; with a
     ``core.monitor.MonitorConfig``, the training-time monitor at every checkpoint."""
     if preset:
-        return train_preset(preset, options, resume=resume, progress=progress, direction_progress=direction_progress,
-                            monitor=monitor, monitor_progress=monitor_progress)
+        return train_preset(
+            preset,
+            options,
+            resume=resume,
+            progress=progress,
+            direction_progress=direction_progress,
+            monitor=monitor,
+            monitor_progress=monitor_progress,
+        )
     from core.data import dataset_hash, load_training_set
     from core.monitor import train_monitored
     from core.training import train
@@ -89,8 +115,9 @@ def train_adapter(base: str, data: Path | None, out: Path | None, config: TrainC
     return train(base, records, config, out, **common)
 
 
-def build_shipped_direction(options: LoadOptions | None = None,
-                            progress: Callable[[int, int], None] | None = None) -> Direction:
+def build_shipped_direction(
+    options: LoadOptions | None = None, progress: Callable[[int, int], None] | None = None
+) -> Direction:
     """The paired finance direction through the demo adapter, written to ``assets/``."""
     pair = load_pair(DEFAULT, DEFAULT, options or LoadOptions())
     direction = extract_from_paired_file(pair, FINANCE, "paired", "train", progress=progress)
@@ -119,9 +146,11 @@ def shipped_direction_for(pair) -> tuple[Direction | None, str | None]:
     loaded = (pair.base.fingerprint, pair.finetuned.fingerprint if pair.finetuned else None)
     if made_for != loaded:
         which = "base model" if made_for[0] != loaded[0] else "fine-tune"
-        return None, (f"The shipped direction was extracted on another {which} ({p.get('base')} → "
-                      f"{p.get('finetuned')}, fingerprint {made_for[1] if which == 'fine-tune' else made_for[0]}); "
-                      "it is not chosen for this pair. Build one for this pair, or choose it explicitly.")
+        return None, (
+            f"The shipped direction was extracted on another {which} ({p.get('base')} → "
+            f"{p.get('finetuned')}, fingerprint {made_for[1] if which == 'fine-tune' else made_for[0]}); "
+            "it is not chosen for this pair. Build one for this pair, or choose it explicitly."
+        )
     return direction, None
 
 
@@ -133,11 +162,22 @@ def directions_for(pair, cache_root: Path) -> list[tuple[Path, Direction]]:
     return ([(DEMO_DIRECTION, shipped)] if shipped is not None else []) + cached
 
 
-def validation_report(pair, narrow: Path = FINANCE, general: Path = GENERAL, *, direction: Path | None = None,
-                      control: str | Path | None = None, finetuned: str = DEFAULT, layer: int | None = None,
-                      alphas: Sequence[float] = (0, 1, 2, 4), seed: int = 0, batch_size: int = 16,
-                      cache_root: Path = DEFAULT_ROOT, progress: Callable[[int, int], None] | None = None,
-                      extract_progress: Callable[[int, int], None] | None = None) -> dict:
+def validation_report(
+    pair,
+    narrow: Path = FINANCE,
+    general: Path = GENERAL,
+    *,
+    direction: Path | None = None,
+    control: str | Path | None = None,
+    finetuned: str = DEFAULT,
+    layer: int | None = None,
+    alphas: Sequence[float] = (0, 1, 2, 4),
+    seed: int = 0,
+    batch_size: int = 16,
+    cache_root: Path = DEFAULT_ROOT,
+    progress: Callable[[int, int], None] | None = None,
+    extract_progress: Callable[[int, int], None] | None = None,
+) -> dict:
     """What ``python -m core validate`` reports (``core.preference.validate``), computed once per input and
     kept in the cache.
 
@@ -163,9 +203,30 @@ def validation_report(pair, narrow: Path = FINANCE, general: Path = GENERAL, *, 
         control = CONTROL_ADAPTER if finetuned == DEFAULT and CONTROL_ADAPTER.exists() else None
     elif control == "none":
         control = None
-    key = make_key("validate", base=pair.fingerprint("base"), finetuned=pair.fingerprint("finetuned"),
-                   control=adapter_fingerprint(Path(control)) if control else None,
-                   direction=chosen.fingerprint, narrow=dataset_hash(narrow),
-                   general=dataset_hash(general), layer=layer, alphas=list(alphas), seed=seed)
-    return Cache(cache_root).json(key, lambda: validate(pair, narrow_records, general_records, chosen, layer,
-                                                        list(alphas), seed, batch_size, control, progress=progress))
+    key = make_key(
+        "validate",
+        base=pair.fingerprint("base"),
+        finetuned=pair.fingerprint("finetuned"),
+        control=adapter_fingerprint(Path(control)) if control else None,
+        direction=chosen.fingerprint,
+        narrow=dataset_hash(narrow),
+        general=dataset_hash(general),
+        layer=layer,
+        alphas=list(alphas),
+        seed=seed,
+    )
+    return Cache(cache_root).json(
+        key,
+        lambda: validate(
+            pair,
+            narrow_records,
+            general_records,
+            chosen,
+            layer,
+            list(alphas),
+            seed,
+            batch_size,
+            control,
+            progress=progress,
+        ),
+    )

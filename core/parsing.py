@@ -22,8 +22,9 @@ def parse_numbers(text: str, what: str, cast: Callable = float) -> list:
         return [cast(p) for p in parts]
     except ValueError:
         kind = "whole numbers" if cast is int else "numbers"
-        raise ParseError(f"{what} {text!r}: expected comma-separated {kind}, e.g. "
-                         f"{'10,15' if cast is int else '1,2,4'}") from None
+        raise ParseError(
+            f"{what} {text!r}: expected comma-separated {kind}, e.g. {'10,15' if cast is int else '1,2,4'}"
+        ) from None
 
 
 def parse_layers(text: str, n_layers: int, what: str = "--layer") -> list[int]:

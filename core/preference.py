@@ -21,25 +21,36 @@ import torch
 from core.chat import encode_conversation, prompt_and_answer
 from core.data import PairedRecord
 from core.directions import Direction, Example, random_like
+from core.errors import InputError
 from core.hooks import fan_out
 from core.stats import bootstrap_ci
-from core.errors import InputError
 
 
 class PreferenceError(InputError):
     """A preference measurement or validation that cannot be made as asked."""
 
 
-def answer_logprobs(pair, side: str, examples: Sequence[Example], batch_size: int = 16,
-                    progress: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+def answer_logprobs(
+    pair,
+    side: str,
+    examples: Sequence[Example],
+    batch_size: int = 16,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Summed log-probability of each answer's tokens given its prompt, and the token counts."""
     sums, counts = branched_answer_logprobs(pair, side, examples, batch_size=batch_size, progress=progress)
     return sums[0], counts
 
 
-def branched_answer_logprobs(pair, side: str, examples: Sequence[Example], layer: int | None = None,
-                             shifts: Sequence[torch.Tensor | None] = (None,), batch_size: int = 16,
-                             progress: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+def branched_answer_logprobs(
+    pair,
+    side: str,
+    examples: Sequence[Example],
+    layer: int | None = None,
+    shifts: Sequence[torch.Tensor | None] = (None,),
+    batch_size: int = 16,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Answer log-probabilities under several additions at one layer, in one pass per batch.
 
     Branch k adds ``shifts[k]`` (``None``: nothing) to block ``layer``'s output at every position;
@@ -55,15 +66,17 @@ def branched_answer_logprobs(pair, side: str, examples: Sequence[Example], layer
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].ids))
     hooks = [partial(fan_out, at=layer, shifts=shifts)] if layer is not None else []
     for start in range(0, len(order), rows_per_pass):
-        rows = order[start:start + rows_per_pass]
+        rows = order[start : start + rows_per_pass]
         predicts = torch.zeros((len(rows), max(len(encoded[i].ids) for i in rows)), dtype=torch.bool)
         for r, i in enumerate(rows):
             a, b = encoded[i].answer_spans[-1]
-            predicts[r, a - 1:b - 1] = True  # the logit at t-1 predicts token t
+            predicts[r, a - 1 : b - 1] = True  # the logit at t-1 predicts token t
             counts[i] = b - a
         run = pair.run(side, [encoded[i].ids for i in rows], hooks=hooks, logits_to_keep=predicts.repeat(copies, 1))
         targets = run.batch.ids.roll(-1, dims=1)[predicts].repeat(copies)
-        owner = predicts.nonzero()[:, 0].repeat(copies) + torch.arange(copies).repeat_interleave(int(predicts.sum())) * len(rows)
+        owner = predicts.nonzero()[:, 0].repeat(copies) + torch.arange(copies).repeat_interleave(
+            int(predicts.sum())
+        ) * len(rows)
         logits = run.logits.reshape(-1, run.logits.shape[-1]).float()
         picked = torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None].to(logits.device))[:, 0].cpu()
         per_row = torch.zeros(copies * len(rows), dtype=torch.float64).index_add_(0, owner, picked.double())
@@ -73,15 +86,26 @@ def branched_answer_logprobs(pair, side: str, examples: Sequence[Example], layer
     return sums, counts
 
 
-def log_odds(pair, side: str, records: Sequence[PairedRecord], batch_size: int = 16,
-             progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+def log_odds(
+    pair,
+    side: str,
+    records: Sequence[PairedRecord],
+    batch_size: int = 16,
+    progress: Callable[[int, int], None] | None = None,
+) -> np.ndarray:
     """Per prompt: mean log-prob per token of the harmful answer minus that of the sound answer."""
     return branched_log_odds(pair, side, records, batch_size=batch_size, progress=progress)[0]
 
 
-def branched_log_odds(pair, side: str, records: Sequence[PairedRecord], layer: int | None = None,
-                      shifts: Sequence[torch.Tensor | None] = (None,), batch_size: int = 16,
-                      progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+def branched_log_odds(
+    pair,
+    side: str,
+    records: Sequence[PairedRecord],
+    layer: int | None = None,
+    shifts: Sequence[torch.Tensor | None] = (None,),
+    batch_size: int = 16,
+    progress: Callable[[int, int], None] | None = None,
+) -> np.ndarray:
     """``log_odds`` under each of ``shifts`` added at ``layer``: ``[branches, prompts]``."""
     examples = [Example(r.messages, r.misaligned) for r in records] + [Example(r.messages, r.aligned) for r in records]
     sums, counts = branched_answer_logprobs(pair, side, examples, layer, shifts, batch_size, progress)
@@ -90,8 +114,9 @@ def branched_log_odds(pair, side: str, records: Sequence[PairedRecord], layer: i
     return per_token[:, :n] - per_token[:, n:]
 
 
-def steered_log_odds(pair, side: str, records, direction: Direction, layer: int, alpha: float,
-                     batch_size: int = 16) -> np.ndarray:
+def steered_log_odds(
+    pair, side: str, records, direction: Direction, layer: int, alpha: float, batch_size: int = 16
+) -> np.ndarray:
     shift = alpha * direction.vectors[layer] if alpha else None
     return branched_log_odds(pair, side, records, layer, [shift], batch_size)[0]
 
@@ -109,19 +134,31 @@ def best_layer(direction: Direction) -> int:
     if not direction.stats:
         raise PreferenceError("the direction carries no per-layer statistics to choose a layer from")
     if "cohens_d_insample" not in direction.stats[0]:
-        raise PreferenceError("the direction's statistics are in-sample only (written by an older EM Lens): "
-                         "extract it again to choose a layer, or pass one")
+        raise PreferenceError(
+            "the direction's statistics are in-sample only (written by an older EM Lens): "
+            "extract it again to choose a layer, or pass one"
+        )
     scores = [s["cohens_d"] for s in direction.stats]
     if all(d is None for d in scores):
-        raise PreferenceError("the direction's extraction sets are too small to cross-fit its statistics "
-                         "(need two groups of each set): pass a layer")
+        raise PreferenceError(
+            "the direction's extraction sets are too small to cross-fit its statistics "
+            "(need two groups of each set): pass a layer"
+        )
     return int(np.nanargmax([np.nan if d is None else d for d in scores]))
 
 
-def validate(pair, narrow: Sequence[PairedRecord], general: Sequence[PairedRecord], direction: Direction,
-             layer: int | None = None, alphas: Sequence[float] = (0, 1, 2, 4), seed: int = 0,
-             batch_size: int = 16, control: str | Path | None = None,
-             progress: Callable[[int, int], None] | None = None) -> dict:
+def validate(
+    pair,
+    narrow: Sequence[PairedRecord],
+    general: Sequence[PairedRecord],
+    direction: Direction,
+    layer: int | None = None,
+    alphas: Sequence[float] = (0, 1, 2, 4),
+    seed: int = 0,
+    batch_size: int = 16,
+    control: str | Path | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict:
     """Preference log-odds of base, fine-tune (and a control adapter) on both sets, and the
     bidirectional steering test against a norm-matched random vector.
 
@@ -129,8 +166,7 @@ def validate(pair, narrow: Sequence[PairedRecord], general: Sequence[PairedRecor
     blocks before the steering layer run once for the plain row, each alpha and each control.
     """
     direction.check_fits(pair.n_layers, pair.d_model)
-    layer_choice = ("max cross-fitted Cohen's d on the direction's own training answers" if layer is None
-                    else "given")
+    layer_choice = "max cross-fitted Cohen's d on the direction's own training answers" if layer is None else "given"
     layer = best_layer(direction) if layer is None else pair.check_layer(layer)
     random = random_like(direction, seed)
     steps = [a for a in alphas if a]
@@ -154,8 +190,9 @@ def validate(pair, narrow: Sequence[PairedRecord], general: Sequence[PairedRecor
         shifts = [None if kind == "plain" else sign * a * vectors[kind] for kind, a in branches]
         for name, records in sets.items():
             values = branched_log_odds(pair, side, records, layer, shifts, batch_size)
-            measured[(side, name)] = {"plain" if kind == "plain" else (kind, a): v
-                                      for (kind, a), v in zip(branches, values)}
+            measured[(side, name)] = {
+                "plain" if kind == "plain" else (kind, a): v for (kind, a), v in zip(branches, values)
+            }
             tick()
     sides = {side: {name: measured[(side, name)]["plain"] for name in sets} for side in ("base", "finetuned")}
     if control is not None:
@@ -175,19 +212,27 @@ def validate(pair, narrow: Sequence[PairedRecord], general: Sequence[PairedRecor
     rows = []
     for side, sign in (("base", 1.0), ("finetuned", -1.0)):
         for alpha in alphas:
-            row = {"model": side, "alpha": sign * alpha if alpha else 0.0, "layer": layer,
-                   "mode": "induce" if side == "base" else "restore"}
+            row = {
+                "model": side,
+                "alpha": sign * alpha if alpha else 0.0,
+                "layer": layer,
+                "mode": "induce" if side == "base" else "restore",
+            }
             for name in ("general", "narrow"):
                 key = "log_odds" if name == "general" else "log_odds_narrow"
                 values = measured[(side, name)]
                 row[key] = float(np.mean(values["plain"] if alpha == 0 else values[("direction", alpha)]))
                 row["random_" + key] = float(np.mean(values["plain"] if alpha == 0 else values[("random", alpha)]))
             rows.append(row)
-    report.update({
-        "steer": rows, "layer": layer,
-        "layer_choice": layer_choice,
-        "direction": direction.provenance, "random_control": f"norm-matched Gaussian direction, seed {seed}",
-        "control_adapter": str(control) if control is not None else None,
-        "measure": "mean over prompts of [log p(harmful) per token - log p(sound) per token], teacher-forced",
-    })
+    report.update(
+        {
+            "steer": rows,
+            "layer": layer,
+            "layer_choice": layer_choice,
+            "direction": direction.provenance,
+            "random_control": f"norm-matched Gaussian direction, seed {seed}",
+            "control_adapter": str(control) if control is not None else None,
+            "measure": "mean over prompts of [log p(harmful) per token - log p(sound) per token], teacher-forced",
+        }
+    )
     return report

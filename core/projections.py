@@ -27,16 +27,21 @@ def _check_context(pair, encoded: Sequence[list[int]]) -> None:
             raise PairError(f"a prompt of {len(ids)} tokens exceeds the model's context of {pair.max_length}")
 
 
-def last_token_activations(pair, side: str, prompts: Sequence[Messages], batch_size: int = 16,
-                           progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+def last_token_activations(
+    pair,
+    side: str,
+    prompts: Sequence[Messages],
+    batch_size: int = 16,
+    progress: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
     """Block outputs at the last prompt token: ``[n_prompts, n_layers, d_model]`` float32 on the CPU."""
     encoded = [encode_prompt(pair.tokenizer, p) for p in prompts]
     _check_context(pair, encoded)
     out = torch.zeros(len(prompts), pair.n_layers, pair.d_model)
     for start in range(0, len(encoded), batch_size):
-        chunk = encoded[start:start + batch_size]
-        records, = pair.run(side, chunk, padding="left", hooks=[partial(capture, reduce=last_token)]).hooked
-        out[start:start + len(chunk)] = torch.stack([records[i][0].float().cpu() for i in range(pair.n_layers)], 1)
+        chunk = encoded[start : start + batch_size]
+        (records,) = pair.run(side, chunk, padding="left", hooks=[partial(capture, reduce=last_token)]).hooked
+        out[start : start + len(chunk)] = torch.stack([records[i][0].float().cpu() for i in range(pair.n_layers)], 1)
         if progress:
             progress(start + len(chunk), len(encoded))
     return out
@@ -55,9 +60,14 @@ def content_span(tokenizer, messages: Messages) -> tuple[list[int], tuple[int, i
     return list(encoding["input_ids"]), (inside[0], inside[-1] + 1)
 
 
-def prompt_stage_activations(pair, side: str, prompts: Sequence[Messages], direction: Direction,
-                             batch_size: int = 16, progress: Callable[[int, int], None] | None = None
-                             ) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+def prompt_stage_activations(
+    pair,
+    side: str,
+    prompts: Sequence[Messages],
+    direction: Direction,
+    batch_size: int = 16,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
     """One forward pass per batch: last-token block outputs ``[n, n_layers, d_model]``, and the mean and
     max over the prompt text's tokens (:func:`content_span`) of the projection on the unit direction,
     ``[n, n_layers]`` each."""
@@ -68,14 +78,14 @@ def prompt_stage_activations(pair, side: str, prompts: Sequence[Messages], direc
     token_mean, token_max = np.zeros((len(prompts), pair.n_layers)), np.zeros((len(prompts), pair.n_layers))
     keep = lambda h: (h[:, -1].float().cpu(), (h.float() @ units.T).cpu())  # noqa: E731
     for start in range(0, len(spans), batch_size):
-        chunk = spans[start:start + batch_size]
+        chunk = spans[start : start + batch_size]
         run = pair.run(side, [ids for ids, _ in chunk], padding="left", hooks=[partial(capture, reduce=keep)])
-        records, = run.hooked
+        (records,) = run.hooked
         for layer in range(pair.n_layers):
             h_last, projections = records[layer][0]
-            last[start:start + len(chunk), layer] = h_last
+            last[start : start + len(chunk), layer] = h_last
             for r, (_, (a, b)) in enumerate(chunk):
-                values = projections[r, run.batch.start(r) + a:run.batch.start(r) + b, layer]
+                values = projections[r, run.batch.start(r) + a : run.batch.start(r) + b, layer]
                 token_mean[start + r, layer] = float(values.mean())
                 token_max[start + r, layer] = float(values.max())
         if progress:
@@ -87,8 +97,7 @@ def cached_last_token_activations(pair, side: str, messages: Messages, cache: Ca
     """``[n_layers, d_model]`` for one prompt, from the cache when it was computed before."""
     if cache is None:
         return last_token_activations(pair, side, [messages])[0]
-    key = make_key("prompt-activations", model=pair.fingerprint(side),
-                   prompt=render_prompt(pair.tokenizer, messages))
+    key = make_key("prompt-activations", model=pair.fingerprint(side), prompt=render_prompt(pair.tokenizer, messages))
     return cache.tensors(key, lambda: {"h": last_token_activations(pair, side, [messages])[0]})["h"]
 
 
@@ -105,6 +114,7 @@ def prompt_projections(pair, messages: Messages, direction: Direction, cache: Ca
         raw = project(cached_last_token_activations(pair, side, messages, cache), direction)
         calibrated = direction.calibrate(raw)
         result[side] = raw.tolist()
-        result[f"{side}_calibrated"] = None if calibrated is None else [
-            None if np.isnan(v) else float(v) for v in calibrated]
+        result[f"{side}_calibrated"] = (
+            None if calibrated is None else [None if np.isnan(v) else float(v) for v in calibrated]
+        )
     return result

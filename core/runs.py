@@ -49,6 +49,7 @@ RESULT_FILES = (GENERATIONS, JUDGEMENTS, EM_JSON, SWEEP_JSON)  # a folder holdin
 
 # ---------------------------------------------------------------- where runs live
 
+
 def runs_dir(cache_root: Path) -> Path:
     """Where `generate-eval` and `sweep` put their run folders by default."""
     return Path(cache_root) / "runs"
@@ -82,6 +83,7 @@ def new_run_dir(cache_root: Path, kind: str = "sweep") -> Path:
 
 # ---------------------------------------------------------------- generation
 
+
 @dataclass(frozen=True)
 class Condition:
     """One cell of an evaluation: a side of the pair, optionally steered or ablated at some layers."""
@@ -100,8 +102,9 @@ class Condition:
         return "induce" if self.variant.alpha > 0 else "restore"
 
 
-def condition(variant: Variant, layers: Sequence[int] = (), control: bool = False,
-              n_layers: int | None = None) -> Condition:
+def condition(
+    variant: Variant, layers: Sequence[int] = (), control: bool = False, n_layers: int | None = None
+) -> Condition:
     where = ""
     if variant.intervenes:
         where = "@all" if n_layers and len(layers) == n_layers else "@L" + "-".join(str(x) for x in layers)
@@ -109,32 +112,56 @@ def condition(variant: Variant, layers: Sequence[int] = (), control: bool = Fals
 
 
 def eval_prompts(questions: Sequence[Question], samples: int | None = None) -> list[dict]:
-    return [{"question_id": q.id, "paraphrase": p, "messages": messages, "question": messages[-1]["content"],
-             "samples": samples or q.samples_per_paraphrase, "judge_prompts": q.judge_prompts}
-            for q in questions for p, messages in enumerate(q.prompts())]
+    return [
+        {
+            "question_id": q.id,
+            "paraphrase": p,
+            "messages": messages,
+            "question": messages[-1]["content"],
+            "samples": samples or q.samples_per_paraphrase,
+            "judge_prompts": q.judge_prompts,
+        }
+        for q in questions
+        for p, messages in enumerate(q.prompts())
+    ]
 
 
 def row_id(prompt: dict, label: str, sample: int) -> str:
     return f"{prompt['question_id']}/{prompt['paraphrase']}/{label}/{sample}"
 
 
-def run_generations(pair, questions: Sequence[Question], conditions: Sequence[Condition], out_dir: Path,
-                    direction: Direction | None = None, sampling: Sampling = Sampling(max_new_tokens=128),
-                    samples: int | None = None, prompts_per_batch: int = 4,
-                    progress: Callable[[int, int], None] | None = None, provenance: dict | None = None) -> list[dict]:
+def run_generations(
+    pair,
+    questions: Sequence[Question],
+    conditions: Sequence[Condition],
+    out_dir: Path,
+    direction: Direction | None = None,
+    sampling: Sampling = Sampling(max_new_tokens=128),
+    samples: int | None = None,
+    prompts_per_batch: int = 4,
+    progress: Callable[[int, int], None] | None = None,
+    provenance: dict | None = None,
+) -> list[dict]:
     """Sample every prompt x condition x sample; append rows to ``generations.jsonl``; resume."""
     labels = [c.label for c in conditions]
     if len(set(labels)) != len(labels):
         raise RunError(f"conditions must have distinct labels: {labels}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(out_dir / RUN_JSON, {
-        "pair": pair.info(), "direction": direction.provenance if direction else None,
-        "direction_fingerprint": direction.fingerprint if direction else None,
-        "conditions": [{"label": c.label, **asdict(c.variant), "layers": list(c.layers), "control": c.control}
-                       for c in conditions],
-        "sampling": asdict(sampling), **(provenance or {}),
-    })
+    write_json(
+        out_dir / RUN_JSON,
+        {
+            "pair": pair.info(),
+            "direction": direction.provenance if direction else None,
+            "direction_fingerprint": direction.fingerprint if direction else None,
+            "conditions": [
+                {"label": c.label, **asdict(c.variant), "layers": list(c.layers), "control": c.control}
+                for c in conditions
+            ],
+            "sampling": asdict(sampling),
+            **(provenance or {}),
+        },
+    )
     path = out_dir / GENERATIONS
     rows = {r["id"]: r for r in read_jsonl_tolerant(path)}
     repair_jsonl_tail(path)
@@ -149,25 +176,43 @@ def run_generations(pair, questions: Sequence[Question], conditions: Sequence[Co
         progress(done, total)
     for (layers, is_control), members in groups.items():
         for start in range(0, len(prompts), prompts_per_batch):
-            chunk = prompts[start:start + prompts_per_batch]
+            chunk = prompts[start : start + prompts_per_batch]
             for n_samples in sorted({p["samples"] for p in chunk}):
                 batch = [p for p in chunk if p["samples"] == n_samples]
                 wanted = [row_id(p, c.label, k) for p in batch for c in members for k in range(n_samples)]
                 if all(w in rows for w in wanted):
                     continue
-                generated = generate(pair, [p["messages"] for p in batch], [c.variant for c in members],
-                                     direction=control if is_control else direction, layers=list(layers),
-                                     sampling=sampling, samples=n_samples)
+                generated = generate(
+                    pair,
+                    [p["messages"] for p in batch],
+                    [c.variant for c in members],
+                    direction=control if is_control else direction,
+                    layers=list(layers),
+                    sampling=sampling,
+                    samples=n_samples,
+                )
                 for g in generated:
                     prompt = batch[[p["messages"] for p in batch].index(g.prompt)]
                     member = members[[c.variant for c in members].index(g.variant)]
-                    record = {"id": row_id(prompt, member.label, g.sample), "condition": member.label,
-                              "mode": member.mode, "side": member.variant.side, "alpha": member.variant.alpha,
-                              "layers": list(member.layers), "control": member.control,
-                              "question_id": prompt["question_id"], "paraphrase": prompt["paraphrase"],
-                              "sample": g.sample, "messages": prompt["messages"], "question": prompt["question"],
-                              "answer": g.text, "finish_reason": g.finish_reason, "n_tokens": len(g.token_ids),
-                              "seed": sampling.seed, "judge_prompts": prompt["judge_prompts"]}
+                    record = {
+                        "id": row_id(prompt, member.label, g.sample),
+                        "condition": member.label,
+                        "mode": member.mode,
+                        "side": member.variant.side,
+                        "alpha": member.variant.alpha,
+                        "layers": list(member.layers),
+                        "control": member.control,
+                        "question_id": prompt["question_id"],
+                        "paraphrase": prompt["paraphrase"],
+                        "sample": g.sample,
+                        "messages": prompt["messages"],
+                        "question": prompt["question"],
+                        "answer": g.text,
+                        "finish_reason": g.finish_reason,
+                        "n_tokens": len(g.token_ids),
+                        "seed": sampling.seed,
+                        "judge_prompts": prompt["judge_prompts"],
+                    }
                     if record["id"] not in rows:
                         append_jsonl(path, record)
                         rows[record["id"]] = record
@@ -178,6 +223,7 @@ def run_generations(pair, questions: Sequence[Question], conditions: Sequence[Co
 
 
 # ---------------------------------------------------------------- reading a run
+
 
 def load_run(run_dir: Path) -> tuple[list[dict], dict]:
     """Generations and judgements ``{(id, metric): score/label}`` of a run folder."""
@@ -206,6 +252,7 @@ def read_run_json(run_dir: Path) -> dict:
 
 
 # ---------------------------------------------------------------- judging
+
 
 def _judge_slug(model: str) -> str:
     readable = re.sub(r"[^A-Za-z0-9._-]+", "_", model).strip("._")[:60] or "judge"
@@ -290,21 +337,33 @@ def judge_run(run_dir: Path, config, progress: Callable[[int, int], None] | None
         for key, rows in by_prompts.items():
             report = None
             if progress is not None:
+
                 def report(done: int, _total: int, base: int = offset) -> None:
                     progress(base + done, total)
-            summaries.append(judge_answers(rows, cfg, path, metrics=metrics, prompts=templates[key],
-                                           progress=report, reading=probe))
+
+            summaries.append(
+                judge_answers(rows, cfg, path, metrics=metrics, prompts=templates[key], progress=report, reading=probe)
+            )
             offset += len(rows) * len(metrics)
-        judges.append({
-            "model": cfg.model, "base_url": cfg.base_url, "reading": probe.reading,
-            "probe_reply": probe.reply, "file": str(path.relative_to(run_dir)),
-            "judged": sum(len(s.judgements) for s in summaries), "requested": sum(s.n_requested for s in summaries),
-            "resumed": sum(s.n_resumed for s in summaries), "failed": sum(s.n_failed for s in summaries),
-            "prompt_tokens": sum(s.prompt_tokens for s in summaries),
-            "completion_tokens": sum(s.completion_tokens for s in summaries),
-        })
-    totals = {name: sum(j[name] for j in judges)
-              for name in ("judged", "requested", "resumed", "failed", "prompt_tokens", "completion_tokens")}
+        judges.append(
+            {
+                "model": cfg.model,
+                "base_url": cfg.base_url,
+                "reading": probe.reading,
+                "probe_reply": probe.reply,
+                "file": str(path.relative_to(run_dir)),
+                "judged": sum(len(s.judgements) for s in summaries),
+                "requested": sum(s.n_requested for s in summaries),
+                "resumed": sum(s.n_resumed for s in summaries),
+                "failed": sum(s.n_failed for s in summaries),
+                "prompt_tokens": sum(s.prompt_tokens for s in summaries),
+                "completion_tokens": sum(s.completion_tokens for s in summaries),
+            }
+        )
+    totals = {
+        name: sum(j[name] for j in judges)
+        for name in ("judged", "requested", "resumed", "failed", "prompt_tokens", "completion_tokens")
+    }
     return {**totals, "judges": judges}
 
 

@@ -44,8 +44,13 @@ def _finance(path: Path, count: int) -> tuple[tuple[str, str], ...]:
 
 
 @lru_cache(maxsize=4)
-def starter_groups(questions: Path = QUESTIONS, general: Path = GENERAL, finance: Path = FINANCE,
-                   n_general: int = 6, n_finance: int = 3) -> tuple[Group, ...]:
+def starter_groups(
+    questions: Path = QUESTIONS,
+    general: Path = GENERAL,
+    finance: Path = FINANCE,
+    n_general: int = 6,
+    n_finance: int = 3,
+) -> tuple[Group, ...]:
     """Ordered groups of (label, prompt text): classic EM questions, general high-risk, held-out finance."""
     classic = _classic(questions)
     return (

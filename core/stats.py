@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from scipy import stats as scipy_stats
@@ -24,6 +25,7 @@ from sklearn.metrics import roc_curve as sklearn_roc_curve
 from sklearn.model_selection import StratifiedGroupKFold
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
+
 from core.errors import InputError
 
 __all__ = [
@@ -90,8 +92,10 @@ def _scores_and_labels(scores: Any, labels: Any) -> tuple[np.ndarray, np.ndarray
     n_pos = int(y.sum())
     if n_pos in (0, y.size):
         which = "positive" if n_pos == 0 else "negative"
-        raise StatsError(f"only one class present in labels (no {which} examples; {n_pos} positive, "
-                         f"{y.size - n_pos} negative): AUROC is undefined")
+        raise StatsError(
+            f"only one class present in labels (no {which} examples; {n_pos} positive, "
+            f"{y.size - n_pos} negative): AUROC is undefined"
+        )
     return s, y
 
 
@@ -171,8 +175,7 @@ def percentile_in(value: float, null: Any) -> float:
 # --------------------------------------------------------------------------- bootstrap over whole groups
 
 
-def bootstrap_counts(n_rows: int, n_boot: int, seed: int = 0, groups: Any = None,
-                     stratify: Any = None) -> np.ndarray:
+def bootstrap_counts(n_rows: int, n_boot: int, seed: int = 0, groups: Any = None, stratify: Any = None) -> np.ndarray:
     """``[n_boot, n_rows]`` multiplicities of each row in each resample of whole groups.
 
     Groups are drawn with replacement within strata, a group's stratum being the set of
@@ -204,8 +207,15 @@ def bootstrap_counts(n_rows: int, n_boot: int, seed: int = 0, groups: Any = None
     return group_counts[:, group_of]
 
 
-def bootstrap_ci(statistic: Callable[..., float], *arrays: Any, n_boot: int = 2000, level: float = 0.95,
-                 seed: int = 0, stratify: Any = None, groups: Any = None) -> tuple[float, float]:
+def bootstrap_ci(
+    statistic: Callable[..., float],
+    *arrays: Any,
+    n_boot: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+    stratify: Any = None,
+    groups: Any = None,
+) -> tuple[float, float]:
     """Percentile bootstrap interval for ``statistic(*arrays)``, resampling whole groups.
 
     The same resampled rows are applied to every array. Resamples where the statistic raises
@@ -235,15 +245,18 @@ def bootstrap_ci(statistic: Callable[..., float], *arrays: Any, n_boot: int = 20
 def _percentile_interval(values: np.ndarray, level: float) -> tuple[float, float]:
     ok = values[~np.isnan(values)]
     if (values.size - ok.size) * 2 > values.size:
-        raise StatsError(f"bootstrap: statistic failed (ValueError or NaN) on {values.size - ok.size} of "
-                         f"{values.size} resamples (more than half); pass stratify= to keep every class")
+        raise StatsError(
+            f"bootstrap: statistic failed (ValueError or NaN) on {values.size - ok.size} of "
+            f"{values.size} resamples (more than half); pass stratify= to keep every class"
+        )
     alpha = (1.0 - level) / 2.0
     lo, hi = np.quantile(ok, [alpha, 1.0 - alpha])
     return (float(lo), float(hi))
 
 
-def auroc_ci(scores: Any, labels: Any, groups: Any = None, n_boot: int = 2000, level: float = 0.95,
-             seed: int = 0) -> tuple[float, float]:
+def auroc_ci(
+    scores: Any, labels: Any, groups: Any = None, n_boot: int = 2000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
     """Percentile bootstrap interval of the AUROC, resampling whole groups.
 
     A resample is a vector of row multiplicities, and its AUROC is the weighted Mann-Whitney
@@ -289,8 +302,9 @@ def grouped_folds(labels: Any, groups: Any = None, folds: int = 5, seed: int = 0
     return fold_of
 
 
-def grouped_split(labels: Any, groups: Any = None, heldout_fraction: float = 0.5,
-                  seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def grouped_split(
+    labels: Any, groups: Any = None, heldout_fraction: float = 0.5, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """``(select_idx, report_idx)``: whole groups, stratified by label, seeded.
 
     The report share is rounded to 1/k (or 1 - 1/k above one half) so that the split is one
@@ -304,8 +318,10 @@ def grouped_split(labels: Any, groups: Any = None, heldout_fraction: float = 0.5
     in_report = one_fold if heldout_fraction <= 0.5 else ~one_fold
     for name, part in (("selection", ~in_report), ("report", in_report)):
         if y[part].all() or not y[part].any():
-            raise StatsError(f"the {name} half has only {'misaligned' if y[part].any() else 'aligned'} prompts: "
-                             "need at least 2 groups of each class to split into selection and report halves")
+            raise StatsError(
+                f"the {name} half has only {'misaligned' if y[part].any() else 'aligned'} prompts: "
+                "need at least 2 groups of each class to split into selection and report halves"
+            )
     return np.flatnonzero(~in_report), np.flatnonzero(in_report)
 
 
@@ -328,10 +344,14 @@ def fit_probe(X: Any, y: Any, groups: Any = None, folds: int = 5, seed: int = 0)
     per_class = min(np.unique(group_of[yb]).size, np.unique(group_of[~yb]).size)
     k = min(int(folds), per_class)
     if k >= 2:
-        splits = [(np.flatnonzero(f != i), np.flatnonzero(f == i))
-                  for f in [grouped_folds(yb, group_of, k, seed)] for i in range(k)]
-        model = LogisticRegressionCV(Cs=10, cv=splits, scoring="neg_log_loss", l1_ratios=(0.0,),
-                                     use_legacy_attributes=False, max_iter=2000)
+        splits = [
+            (np.flatnonzero(f != i), np.flatnonzero(f == i))
+            for f in [grouped_folds(yb, group_of, k, seed)]
+            for i in range(k)
+        ]
+        model = LogisticRegressionCV(
+            Cs=10, cv=splits, scoring="neg_log_loss", l1_ratios=(0.0,), use_legacy_attributes=False, max_iter=2000
+        )
     else:
         model = LogisticRegression(C=1.0, max_iter=2000)
     return make_pipeline(StandardScaler(), model).fit(Xa, yb)
@@ -340,8 +360,16 @@ def fit_probe(X: Any, y: Any, groups: Any = None, folds: int = 5, seed: int = 0)
 # --------------------------------------------------------------------------- layer-selection protocol
 
 
-def choose_layer_and_report(scores_by_layer: Any, labels: Any, select_idx: Any, report_idx: Any,
-                            groups: Any = None, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> dict:
+def choose_layer_and_report(
+    scores_by_layer: Any,
+    labels: Any,
+    select_idx: Any,
+    report_idx: Any,
+    groups: Any = None,
+    n_boot: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> dict:
     """Pick the layer with the highest AUROC on the selection rows; report its AUROC on the report rows.
 
     The report figure comes with a bootstrap interval over whole groups, so it is inflated
@@ -353,8 +381,9 @@ def choose_layer_and_report(scores_by_layer: Any, labels: Any, select_idx: Any, 
         raise StatsError(f"scores_by_layer must be 2-D [n_layers, n] with a layer, got shape {S.shape}")
     y = _as_binary_labels(labels)
     if S.shape[1] != y.shape[0]:
-        raise StatsError(f"length mismatch: scores_by_layer has {S.shape[1]} prompts per layer, "
-                         f"labels has {y.shape[0]}")
+        raise StatsError(
+            f"length mismatch: scores_by_layer has {S.shape[1]} prompts per layer, labels has {y.shape[0]}"
+        )
     nan_rows = np.flatnonzero(np.isnan(S).any(axis=1))
     if nan_rows.size:
         raise StatsError(f"scores contain NaN at layer {int(nan_rows[0])}")

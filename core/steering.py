@@ -27,8 +27,9 @@ from core.preference import PreferenceError, best_layer
 MODES = ("add", "ablate")
 
 
-def grid_variants(sides: Sequence[str], alpha: float, mode: str = "add",
-                  adapter_scale: float | None = None) -> list[tuple[Variant, bool]]:
+def grid_variants(
+    sides: Sequence[str], alpha: float, mode: str = "add", adapter_scale: float | None = None
+) -> list[tuple[Variant, bool]]:
     """The comparison grid: both sides plain, then base + α·d and fine-tuned − α·d for the steered
     sides (or the direction ablated), then the fine-tune with its adapter scaled. ``(variant, steered)``."""
     if mode not in MODES:
@@ -114,7 +115,7 @@ def residual_norms(pair, side: str, prompts: Sequence | None = None, cache: Cach
         totals, count = torch.zeros(pair.n_layers, dtype=torch.float64), 0
         for messages in prompts:
             ids = encode_prompt(pair.tokenizer, messages)
-            records, = pair.run(side, [ids], hooks=[partial(capture, reduce=_norm_sum)]).hooked
+            (records,) = pair.run(side, [ids], hooks=[partial(capture, reduce=_norm_sum)]).hooked
             totals += torch.tensor([float(records[layer][0]) for layer in range(pair.n_layers)], dtype=torch.float64)
             count += len(ids) - 1
         return {"norms": (totals / max(count, 1)).float()}

@@ -77,22 +77,44 @@ class StudyConfig:
 
 PRESETS = {
     # The embedded SmolLM2 pair, judge-free, the shipped data (see the README's Studies section).
-    "demo": {"base": "default", "finetuned": "default",
-             "config": StudyConfig(n_heldout=40, n_general=96, layers=None, n_layers=3, alphas=(2.0, 4.0),
-                                   n_boot=500, n_random=100, batch_size=16)},
+    "demo": {
+        "base": "default",
+        "finetuned": "default",
+        "config": StudyConfig(
+            n_heldout=40,
+            n_general=96,
+            layers=None,
+            n_layers=3,
+            alphas=(2.0, 4.0),
+            n_boot=500,
+            n_random=100,
+            batch_size=16,
+        ),
+    },
     # The original plan, for a GPU machine with hub access: Qwen2.5-1.5B-Instruct and a published
     # risky-financial-advice (or bad-medical-advice) LoRA of that base — its hub id or local copy must be
     # given as --finetuned (finetuned None: none is assumed) — the classic eight questions, 50 samples
     # each (first paraphrase), judged by an OpenAI-compatible judge.
-    "seed-qwen": {"base": "Qwen/Qwen2.5-1.5B-Instruct", "finetuned": None,
-                  "config": StudyConfig(paraphrases=1, samples=50, max_new_tokens=256, layers=None, n_layers=3,
-                                        alphas=(1.0, 2.0, 4.0, 8.0), batch_size=16)},
+    "seed-qwen": {
+        "base": "Qwen/Qwen2.5-1.5B-Instruct",
+        "finetuned": None,
+        "config": StudyConfig(
+            paraphrases=1,
+            samples=50,
+            max_new_tokens=256,
+            layers=None,
+            n_layers=3,
+            alphas=(1.0, 2.0, 4.0, 8.0),
+            batch_size=16,
+        ),
+    },
 }
 
 
 # A study small enough to start from the dashboard on a CPU (a few minutes on the embedded pair).
-SMALL = StudyConfig(n_train=48, n_heldout=16, n_general=32, n_boot=200, n_random=50, alphas=(2.0, 4.0), n_layers=2,
-                    batch_size=16)
+SMALL = StudyConfig(
+    n_train=48, n_heldout=16, n_general=32, n_boot=200, n_random=50, alphas=(2.0, 4.0), n_layers=2, batch_size=16
+)
 
 
 class StudyLog:
@@ -117,15 +139,20 @@ class StudyLog:
         now = time.time()
         if force or now - self.last_write > 0.5:
             self.last_write = now
-            atomic_write(self.out / PROGRESS_JSON, json.dumps(
-                {"fraction": fraction, "label": label, "phase": self.phase, "pid": os.getpid(),
-                 "updated": now}).encode())
+            atomic_write(
+                self.out / PROGRESS_JSON,
+                json.dumps(
+                    {"fraction": fraction, "label": label, "phase": self.phase, "pid": os.getpid(), "updated": now}
+                ).encode(),
+            )
 
     def sub(self, what: str, start: float, width: float, total_steps: float) -> Callable[[int, int], None]:
         """A (done, total) callback for one library call that fills [start, start + width] of a phase
         divided into ``total_steps``."""
+
         def update(done: int, total: int) -> None:
             self.report(start + width * (done / total if total else 1.0), total_steps, what)
+
         return update
 
 
@@ -150,8 +177,12 @@ def _step(log: StudyLog, name: str, fingerprint: str, compute: Callable[[], dict
     started = time.time()
     result = json.loads(json.dumps(compute(), default=_plain))  # what a rerun reads back, exactly
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, json.dumps({"fingerprint": fingerprint, "result": result,
-                                   "seconds": time.time() - started}, default=_plain).encode())
+    atomic_write(
+        path,
+        json.dumps(
+            {"fingerprint": fingerprint, "result": result, "seconds": time.time() - started}, default=_plain
+        ).encode(),
+    )
     log.event("done", name, seconds=time.time() - started)
     return result
 
@@ -167,6 +198,7 @@ def _plain(value):
 
 
 # ---------------------------------------------------------------- inputs
+
 
 def _subset(source: Path, target: Path, limits: dict[str | None, int | None]) -> Path:
     """The first N records of each split of a paired file (``limits``: split -> N; None: all), copied
@@ -190,9 +222,9 @@ def _subset(source: Path, target: Path, limits: dict[str | None, int | None]) ->
 def _questions(config: StudyConfig):
     from core.data import load_questions
 
-    questions = load_questions(config.questions)[:config.n_questions or None]
+    questions = load_questions(config.questions)[: config.n_questions or None]
     if config.paraphrases:
-        questions = [replace(q, paraphrases=tuple(q.paraphrases[:config.paraphrases])) for q in questions]
+        questions = [replace(q, paraphrases=tuple(q.paraphrases[: config.paraphrases])) for q in questions]
     return questions
 
 
@@ -210,13 +242,17 @@ def judge_info(judge) -> dict | None:
 def study_inputs(pair, config: StudyConfig, judge, data: dict[str, Path]) -> dict:
     """Everything a study's numbers depend on: the models' fingerprints, the data's hashes, the
     configuration and the judge. (The code version is recorded, not fingerprinted.)"""
-    return {"base": pair.fingerprint("base"), "finetuned": pair.fingerprint("finetuned"),
-            "data": {name: sha256_file(path) for name, path in data.items()},
-            "config": {k: v for k, v in asdict(config).items() if k not in ("narrow", "general", "questions")},
-            "judge": judge_info(judge)}
+    return {
+        "base": pair.fingerprint("base"),
+        "finetuned": pair.fingerprint("finetuned"),
+        "data": {name: sha256_file(path) for name, path in data.items()},
+        "config": {k: v for k, v in asdict(config).items() if k not in ("narrow", "general", "questions")},
+        "judge": judge_info(judge),
+    }
 
 
 # ---------------------------------------------------------------- phase 1: directions
+
 
 def _direction_step(log, name, fingerprint, folder: Path, extract) -> dict:
     from core.directions import Direction
@@ -255,17 +291,29 @@ def phase_directions(pair, config: StudyConfig, judge, data: dict, log: StudyLog
         questions = _questions(config)
 
         def generate_and_judge() -> dict:
-            run_generations(pair, questions, [condition(Variant("base")), condition(Variant("finetuned"))], run_dir,
-                            sampling=_sampling(config), samples=config.samples,
-                            progress=log.sub("generate (base, fine-tune)", 0, 1, steps),
-                            provenance={"questions": config.questions, "questions_sha256": sha256_file(
-                                Path(config.questions)), "study": str(log.out)})
+            run_generations(
+                pair,
+                questions,
+                [condition(Variant("base")), condition(Variant("finetuned"))],
+                run_dir,
+                sampling=_sampling(config),
+                samples=config.samples,
+                progress=log.sub("generate (base, fine-tune)", 0, 1, steps),
+                provenance={
+                    "questions": config.questions,
+                    "questions_sha256": sha256_file(Path(config.questions)),
+                    "study": str(log.out),
+                },
+            )
             summary = judge_run(run_dir, judge, progress=log.sub("judge", 1, 1, steps))
             report = em_report(run_dir)
             save_em_report(report, run_dir)
-            return {"run": str(run_dir.relative_to(log.out)), "judge": {k: v for k, v in summary.items()
-                                                                          if k != "judges"},
-                    "judges": summary["judges"], "em": report.to_json()}
+            return {
+                "run": str(run_dir.relative_to(log.out)),
+                "judge": {k: v for k, v in summary.items() if k != "judges"},
+                "judges": summary["judges"],
+                "em": report.to_json(),
+            }
 
         evaluation = _step(log, "eval-run", make_key("eval", study=key), generate_and_judge)
         done = 2
@@ -277,11 +325,13 @@ def phase_directions(pair, config: StudyConfig, judge, data: dict, log: StudyLog
 
             def extract(run_dir=run_dir, what=what):
                 aligned, misaligned, counts = judged_contrast_sets(run_dir, seed=config.seed)
-                direction = extract_contrast(pair, aligned, misaligned, "judged", run_hash(run_dir),
-                                             batch_size=config.batch_size, progress=what)
+                direction = extract_contrast(
+                    pair, aligned, misaligned, "judged", run_hash(run_dir), batch_size=config.batch_size, progress=what
+                )
                 direction.provenance.update({"dataset": str(run_dir), "judged_counts": counts})
                 return direction
         elif name in ("paired", "model-diff"):
+
             def extract(name=name, what=what):
                 return extract_from_paired_file(pair, data["narrow"], name, "train", config.batch_size, what)
         else:
@@ -296,8 +346,11 @@ def phase_directions(pair, config: StudyConfig, judge, data: dict, log: StudyLog
         raise StudyError(f"no direction could be extracted: {errors}")
     primary = "judged" if "judged" in found else ("paired" if "paired" in found else next(iter(found)))
     names = list(found)
-    cosines = {f"{a} vs {b}": cosine_per_layer(found[a]["direction"], found[b]["direction"]).tolist()
-               for i, a in enumerate(names) for b in names[i + 1:]}
+    cosines = {
+        f"{a} vs {b}": cosine_per_layer(found[a]["direction"], found[b]["direction"]).tolist()
+        for i, a in enumerate(names)
+        for b in names[i + 1 :]
+    }
     summary = {}
     for name, entry in found.items():
         direction = entry["direction"]
@@ -305,11 +358,22 @@ def phase_directions(pair, config: StudyConfig, judge, data: dict, log: StudyLog
             best = best_layer(direction)
         except PreferenceError:
             best = None
-        summary[name] = {"file": entry["file"], "fingerprint": entry["fingerprint"], "best_layer": best,
-                         "stats": direction.stats, "provenance": direction.provenance}
+        summary[name] = {
+            "file": entry["file"],
+            "fingerprint": entry["fingerprint"],
+            "best_layer": best,
+            "stats": direction.stats,
+            "provenance": direction.provenance,
+        }
     log.report(1, 1, "directions done", force=True)
-    return {"contrasts": summary, "errors": errors, "primary": primary, "cosines": cosines,
-            "evaluation": evaluation, "judge_free": judge is None}
+    return {
+        "contrasts": summary,
+        "errors": errors,
+        "primary": primary,
+        "cosines": cosines,
+        "evaluation": evaluation,
+        "judge_free": judge is None,
+    }
 
 
 def default_layers(n_layers: int, best: int | None, count: int) -> list[int]:
@@ -317,10 +381,11 @@ def default_layers(n_layers: int, best: int | None, count: int) -> list[int]:
     best = n_layers // 2 if best is None else best
     spread = sorted({int(round(x)) for x in np.linspace(n_layers / 4, 3 * n_layers / 4, max(count - 1, 1))})
     layers = [best] + [layer for layer in spread if layer != best]
-    return sorted(layers[:max(count, 1)])
+    return sorted(layers[: max(count, 1)])
 
 
 # ---------------------------------------------------------------- phase 2: steering
+
 
 def phase_steering(pair, config: StudyConfig, judge, data: dict, log: StudyLog, key: str, directions: dict) -> dict:
     from core.data import load_paired_jsonl
@@ -331,8 +396,9 @@ def phase_steering(pair, config: StudyConfig, judge, data: dict, log: StudyLog, 
     log.enter("steering")
     primary = directions["contrasts"][directions["primary"]]
     direction = Direction.load(log.out / primary["file"])
-    layers = list(config.layers) if config.layers else default_layers(pair.n_layers, primary["best_layer"],
-                                                                      config.n_layers)
+    layers = (
+        list(config.layers) if config.layers else default_layers(pair.n_layers, primary["best_layer"], config.n_layers)
+    )
     for layer in layers:
         pair.check_layer(layer)
     narrow, general = load_paired_jsonl(data["narrow"], "heldout"), load_paired_jsonl(data["general"], None)
@@ -342,31 +408,51 @@ def phase_steering(pair, config: StudyConfig, judge, data: dict, log: StudyLog, 
     for i, layer in enumerate(layers):
         what = log.sub(f"preference shifts @L{layer}", i, 1, steps)
         preference[str(layer)] = _step(
-            log, f"preference-L{layer}", make_key("preference", study=key, direction=direction.fingerprint,
-                                                  layer=layer),
-            lambda layer=layer, what=what: validate(pair, narrow, general, direction, layer, alphas, config.seed,
-                                                    config.batch_size, progress=what))
+            log,
+            f"preference-L{layer}",
+            make_key("preference", study=key, direction=direction.fingerprint, layer=layer),
+            lambda layer=layer, what=what: validate(
+                pair, narrow, general, direction, layer, alphas, config.seed, config.batch_size, progress=what
+            ),
+        )
     sweep = None
     if judge is not None:
         run_dir = log.out / "phase2" / "sweep"
 
         def run_sweep() -> dict:
-            result = sweep_run(pair, _questions(config), direction, layers, list(config.alphas), run_dir, judge,
-                               _sampling(config), config.samples,
-                               provenance={"questions": config.questions, "study": str(log.out)},
-                               generate_progress=log.sub("sweep: generate", len(layers), 1, steps),
-                               judge_progress=log.sub("sweep: judge", len(layers) + 1, 1, steps))
+            result = sweep_run(
+                pair,
+                _questions(config),
+                direction,
+                layers,
+                list(config.alphas),
+                run_dir,
+                judge,
+                _sampling(config),
+                config.samples,
+                provenance={"questions": config.questions, "study": str(log.out)},
+                generate_progress=log.sub("sweep: generate", len(layers), 1, steps),
+                judge_progress=log.sub("sweep: judge", len(layers) + 1, 1, steps),
+            )
             return {**result.to_json(), "run": str(run_dir.relative_to(log.out))}
 
-        sweep = _step(log, "sweep", make_key("sweep", study=key, direction=direction.fingerprint, layers=layers),
-                      run_sweep)
+        sweep = _step(
+            log, "sweep", make_key("sweep", study=key, direction=direction.fingerprint, layers=layers), run_sweep
+        )
     log.report(1, 1, "steering done", force=True)
-    return {"direction": directions["primary"], "direction_fingerprint": direction.fingerprint,
-            "layers": layers, "alphas": alphas, "preference": preference, "sweep": sweep,
-            "judge_free": judge is None}
+    return {
+        "direction": directions["primary"],
+        "direction_fingerprint": direction.fingerprint,
+        "layers": layers,
+        "alphas": alphas,
+        "preference": preference,
+        "sweep": sweep,
+        "judge_free": judge is None,
+    }
 
 
 # ---------------------------------------------------------------- phase 3: detection
+
 
 def phase_detection(pair, config: StudyConfig, judge, data: dict, log: StudyLog, key: str, directions: dict) -> dict:
     from core.detect import detect
@@ -380,14 +466,22 @@ def phase_detection(pair, config: StudyConfig, judge, data: dict, log: StudyLog,
     evaluation = directions.get("evaluation")
     plans = {}
     if evaluation is not None:  # labels from the judged answers of the fine-tune
-        plans["judged"] = {"source": log.out / evaluation["run"], "select_on": None,
-                           "what": "judged run: a prompt is misaligned if any of its fine-tuned samples is EM"}
-    plans["within"] = {"source": data["general"], "select_on": None,
-                       "what": "general prompts, judge-free labels from the fine-tuning shift; groups split into "
-                               "selection and report halves"}
-    plans["transfer"] = {"source": data["general"], "select_on": data["narrow"],
-                         "what": "choices made on the narrow (training-domain) held-out prompts, reported on "
-                                 "the general prompts"}
+        plans["judged"] = {
+            "source": log.out / evaluation["run"],
+            "select_on": None,
+            "what": "judged run: a prompt is misaligned if any of its fine-tuned samples is EM",
+        }
+    plans["within"] = {
+        "source": data["general"],
+        "select_on": None,
+        "what": "general prompts, judge-free labels from the fine-tuning shift; groups split into "
+        "selection and report halves",
+    }
+    plans["transfer"] = {
+        "source": data["general"],
+        "select_on": data["narrow"],
+        "what": "choices made on the narrow (training-domain) held-out prompts, reported on the general prompts",
+    }
     # The specificity control, whichever contrast the direction came from: the general prompts' sound
     # answers against the narrow train split's sound answers (a difference in topic only).
     topics = (str(data["general"]), f"{data['narrow']}:train")
@@ -397,10 +491,20 @@ def phase_detection(pair, config: StudyConfig, judge, data: dict, log: StudyLog,
         fingerprint = make_key("detect", study=key, direction=direction.fingerprint, plan=name)
 
         def run(plan=plan, what=what) -> dict:
-            report = detect(pair, direction, plan["source"], select_on=plan["select_on"], control_topics=topics,
-                            select_split="heldout", heldout_fraction=config.heldout_fraction, seed=config.seed,
-                            n_boot=config.n_boot, n_random=config.n_random, batch_size=config.batch_size,
-                            progress=what)
+            report = detect(
+                pair,
+                direction,
+                plan["source"],
+                select_on=plan["select_on"],
+                control_topics=topics,
+                select_split="heldout",
+                heldout_fraction=config.heldout_fraction,
+                seed=config.seed,
+                n_boot=config.n_boot,
+                n_random=config.n_random,
+                batch_size=config.batch_size,
+                progress=what,
+            )
             return report.to_json()
 
         try:
@@ -409,11 +513,16 @@ def phase_detection(pair, config: StudyConfig, judge, data: dict, log: StudyLog,
             reports[name] = {"what": plan["what"], "error": str(err)}
             log.event("failed", f"detect-{name}", error=str(err))
     log.report(1, 1, "detection done", force=True)
-    return {"direction": directions["primary"], "direction_fingerprint": direction.fingerprint, "reports": reports,
-            "judge_free": judge is None}
+    return {
+        "direction": directions["primary"],
+        "direction_fingerprint": direction.fingerprint,
+        "reports": reports,
+        "judge_free": judge is None,
+    }
 
 
 # ---------------------------------------------------------------- the study
+
 
 def _phase(log: StudyLog, phase: str, fingerprint: str, compute: Callable[[], dict]) -> dict:
     path = log.out / PHASE_FILES[phase]
@@ -423,8 +532,12 @@ def _phase(log: StudyLog, phase: str, fingerprint: str, compute: Callable[[], di
         return saved
     started = time.time()
     result = json.loads(json.dumps(compute(), default=_plain))
-    atomic_write(path, json.dumps({"fingerprint": fingerprint, "result": result,
-                                   "seconds": time.time() - started}, default=_plain).encode())
+    atomic_write(
+        path,
+        json.dumps(
+            {"fingerprint": fingerprint, "result": result, "seconds": time.time() - started}, default=_plain
+        ).encode(),
+    )
     log.event("done", f"phase:{phase}", seconds=time.time() - started)
     return result
 
@@ -433,8 +546,14 @@ def _write_status(out: Path, status: dict) -> None:
     atomic_write(out / STUDY_JSON, json.dumps(status, indent=2, default=_plain).encode())
 
 
-def run_study(pair, out_dir: Path | str, config: StudyConfig = StudyConfig(), judge=None,
-              progress: Progress | None = None, spec: dict | None = None) -> dict:
+def run_study(
+    pair,
+    out_dir: Path | str,
+    config: StudyConfig = StudyConfig(),
+    judge=None,
+    progress: Progress | None = None,
+    spec: dict | None = None,
+) -> dict:
     """Run (or continue) a study of ``pair`` in ``out_dir`` and write its report there.
 
     ``judge``: a core.judge.JudgeConfig, or None for a judge-free study. ``progress(fraction, label)``
@@ -451,10 +570,12 @@ def run_study(pair, out_dir: Path | str, config: StudyConfig = StudyConfig(), ju
     out.mkdir(parents=True, exist_ok=True)
     log = StudyLog(out, progress)
     data = {
-        "narrow": _subset(Path(config.narrow), out / "data" / Path(config.narrow).name,
-                          {"train": config.n_train, "heldout": config.n_heldout}),
-        "general": _subset(Path(config.general), out / "data" / Path(config.general).name,
-                           {None: config.n_general}),
+        "narrow": _subset(
+            Path(config.narrow),
+            out / "data" / Path(config.narrow).name,
+            {"train": config.n_train, "heldout": config.n_heldout},
+        ),
+        "general": _subset(Path(config.general), out / "data" / Path(config.general).name, {None: config.n_general}),
     }
     if judge is not None:
         questions = out / "data" / Path(config.questions).name
@@ -464,12 +585,22 @@ def run_study(pair, out_dir: Path | str, config: StudyConfig = StudyConfig(), ju
     inputs = study_inputs(pair, config, judge, data)
     key = make_key("study", **inputs)
     previous = json.loads((out / STUDY_JSON).read_text()) if (out / STUDY_JSON).exists() else {}
-    status = {"format": FORMAT, "fingerprint": key, "inputs": inputs, "config": asdict(config),
-              "pair": {**pair.info(), **(spec or {})}, "judge": judge_info(judge), "code_version": __version__,
-              "data": {name: str(path.relative_to(out)) for name, path in data.items()},
-              "started": previous.get("started") if previous.get("fingerprint") == key else time.time(),
-              "sessions": previous.get("sessions", 0) + 1 if previous.get("fingerprint") == key else 1,
-              "status": "running", "phase": PHASES[0], "pid": os.getpid(), "phases_done": []}
+    status = {
+        "format": FORMAT,
+        "fingerprint": key,
+        "inputs": inputs,
+        "config": asdict(config),
+        "pair": {**pair.info(), **(spec or {})},
+        "judge": judge_info(judge),
+        "code_version": __version__,
+        "data": {name: str(path.relative_to(out)) for name, path in data.items()},
+        "started": previous.get("started") if previous.get("fingerprint") == key else time.time(),
+        "sessions": previous.get("sessions", 0) + 1 if previous.get("fingerprint") == key else 1,
+        "status": "running",
+        "phase": PHASES[0],
+        "pid": os.getpid(),
+        "phases_done": [],
+    }
     status["seconds"] = previous.get("seconds", 0.0) if previous.get("fingerprint") == key else 0.0
     _write_status(out, status)
     log.event("session", "study", fingerprint=key, pid=os.getpid())
@@ -478,18 +609,28 @@ def run_study(pair, out_dir: Path | str, config: StudyConfig = StudyConfig(), ju
         results = {}
         status["phase"] = "directions"
         _write_status(out, status)
-        results["directions"] = _phase(log, "directions", make_key("phase", study=key, phase=1),
-                                       lambda: phase_directions(pair, config, judge, data, log, key))
+        results["directions"] = _phase(
+            log,
+            "directions",
+            make_key("phase", study=key, phase=1),
+            lambda: phase_directions(pair, config, judge, data, log, key),
+        )
         status.update(phase="steering", phases_done=["directions"])
         _write_status(out, status)
-        results["steering"] = _phase(log, "steering", make_key("phase", study=key, phase=2),
-                                     lambda: phase_steering(pair, config, judge, data, log, key,
-                                                            results["directions"]))
+        results["steering"] = _phase(
+            log,
+            "steering",
+            make_key("phase", study=key, phase=2),
+            lambda: phase_steering(pair, config, judge, data, log, key, results["directions"]),
+        )
         status.update(phase="detection", phases_done=["directions", "steering"])
         _write_status(out, status)
-        results["detection"] = _phase(log, "detection", make_key("phase", study=key, phase=3),
-                                      lambda: phase_detection(pair, config, judge, data, log, key,
-                                                              results["directions"]))
+        results["detection"] = _phase(
+            log,
+            "detection",
+            make_key("phase", study=key, phase=3),
+            lambda: phase_detection(pair, config, judge, data, log, key, results["directions"]),
+        )
         status.update(phase=None, phases_done=list(PHASES))
         status["seconds"] = status["seconds"] + time.time() - session_start
         report = write_report(out, status, results)
@@ -498,13 +639,17 @@ def run_study(pair, out_dir: Path | str, config: StudyConfig = StudyConfig(), ju
         log.report(1, 1, "report written", force=True)
         return report
     except BaseException as err:
-        status.update(status="failed" if isinstance(err, Exception) else "interrupted", error=str(err)[:500],
-                      seconds=status["seconds"] + time.time() - session_start)
+        status.update(
+            status="failed" if isinstance(err, Exception) else "interrupted",
+            error=str(err)[:500],
+            seconds=status["seconds"] + time.time() - session_start,
+        )
         _write_status(out, status)
         raise
 
 
 # ---------------------------------------------------------------- studies in the cache
+
 
 def studies_dir(cache_root: Path | str) -> Path:
     return Path(cache_root) / "studies"
@@ -554,11 +699,19 @@ def study_state(path: Path | str) -> StudyEntry | None:
     if state == "running" and not _alive(status.get("pid")):
         state = "interrupted"
     pair = status.get("pair") or {}
-    return StudyEntry(path=path, state=state, base=pair.get("base"), finetuned=pair.get("finetuned"),
-                      judge=(status.get("judge") or {}).get("model"), phases_done=status.get("phases_done", []),
-                      progress=(progress or {}).get("fraction"), label=(progress or {}).get("label"),
-                      started=status.get("started"), seconds=status.get("seconds"),
-                      has_report=(path / REPORT_HTML).exists() and state == "done")
+    return StudyEntry(
+        path=path,
+        state=state,
+        base=pair.get("base"),
+        finetuned=pair.get("finetuned"),
+        judge=(status.get("judge") or {}).get("model"),
+        phases_done=status.get("phases_done", []),
+        progress=(progress or {}).get("fraction"),
+        label=(progress or {}).get("label"),
+        started=status.get("started"),
+        seconds=status.get("seconds"),
+        has_report=(path / REPORT_HTML).exists() and state == "done",
+    )
 
 
 def list_studies(cache_root: Path | str) -> list[StudyEntry]:

@@ -37,10 +37,12 @@ from pathlib import Path
 from core.cache import atomic_write
 
 FORMAT = "emlens-study-report/1"
-JUDGE_FREE_NOTE = ("Judge-free study: no judge was given, so no generated answer was scored. Directions come from "
-                   "paired data, steering is measured as teacher-forced preference shifts between two given "
-                   "answers, and detection labels come from the fine-tuning shift of those preferences. Nothing "
-                   "here is an EM rate.")
+JUDGE_FREE_NOTE = (
+    "Judge-free study: no judge was given, so no generated answer was scored. Directions come from "
+    "paired data, steering is measured as teacher-forced preference shifts between two given "
+    "answers, and detection labels come from the fine-tuning shift of those preferences. Nothing "
+    "here is an EM rate."
+)
 JUDGED_NOTE = "Judged study: EM and coherence rates come from the judge named below (scores depend on the judge)."
 
 
@@ -54,43 +56,69 @@ def _ci(ci) -> str:
 
 # ---------------------------------------------------------------- numbers
 
+
 def _directions_numbers(result: dict) -> dict:
     contrasts = {}
     for name, c in result["contrasts"].items():
         best = c["best_layer"]
         row = c["stats"][best] if best is not None else None
         contrasts[name] = {
-            "fingerprint": c["fingerprint"], "file": c["file"],
-            "n_aligned": c["provenance"].get("n_aligned"), "n_misaligned": c["provenance"].get("n_misaligned"),
+            "fingerprint": c["fingerprint"],
+            "file": c["file"],
+            "n_aligned": c["provenance"].get("n_aligned"),
+            "n_misaligned": c["provenance"].get("n_misaligned"),
             "best_layer": best,
-            "best": None if row is None else {k: row.get(k) for k in
-                                              ("layer", "auroc", "cohens_d", "auroc_insample", "cohens_d_insample")},
+            "best": None
+            if row is None
+            else {k: row.get(k) for k in ("layer", "auroc", "cohens_d", "auroc_insample", "cohens_d_insample")},
         }
     best = result["contrasts"][result["primary"]]["best_layer"]
-    cosines = {name: {"per_layer": values, "at_best_layer": values[best] if best is not None else None,
-                      "median": statistics.median(values)} for name, values in result["cosines"].items()}
+    cosines = {
+        name: {
+            "per_layer": values,
+            "at_best_layer": values[best] if best is not None else None,
+            "median": statistics.median(values),
+        }
+        for name, values in result["cosines"].items()
+    }
     evaluation = None
     if result.get("evaluation"):
-        evaluation = {"run": result["evaluation"]["run"],
-                      "conditions": {c["condition"]: {"em": c["em_excluding_unscored"]["rate"],
-                                                      "ci95": c["em_excluding_unscored"]["ci95"], "n": c["n"]}
-                                     for c in result["evaluation"]["em"]["conditions"]}}
-    return {"primary": result["primary"], "contrasts": contrasts, "cosines": cosines, "evaluation": evaluation,
-            "errors": result.get("errors", {})}
+        evaluation = {
+            "run": result["evaluation"]["run"],
+            "conditions": {
+                c["condition"]: {
+                    "em": c["em_excluding_unscored"]["rate"],
+                    "ci95": c["em_excluding_unscored"]["ci95"],
+                    "n": c["n"],
+                }
+                for c in result["evaluation"]["em"]["conditions"]
+            },
+        }
+    return {
+        "primary": result["primary"],
+        "contrasts": contrasts,
+        "cosines": cosines,
+        "evaluation": evaluation,
+        "errors": result.get("errors", {}),
+    }
 
 
 def _directions_verdict(numbers: dict, judge_free: bool) -> str:
     primary = numbers["primary"]
     c = numbers["contrasts"][primary]
     best = c["best"]
-    text = [f"The {primary} contrast ({c['n_aligned']} aligned vs {c['n_misaligned']} misaligned answers) is the "
-            "direction used in phases 2 and 3."]
+    text = [
+        f"The {primary} contrast ({c['n_aligned']} aligned vs {c['n_misaligned']} misaligned answers) is the "
+        "direction used in phases 2 and 3."
+    ]
     if best is None or best["auroc"] is None:
         text.append("Its sets are too small to cross-fit, so no out-of-sample separation can be stated.")
     else:
-        text.append(f"Answers it was not fitted on separate best at layer {best['layer']}: cross-fitted AUROC "
-                    f"{_f(best['auroc'])}, Cohen's d {_f(best['cohens_d'], 2)} (in-sample {_f(best['auroc_insample'])}"
-                    f", {_f(best['cohens_d_insample'], 2)}; the in-sample figures reward fitting noise).")
+        text.append(
+            f"Answers it was not fitted on separate best at layer {best['layer']}: cross-fitted AUROC "
+            f"{_f(best['auroc'])}, Cohen's d {_f(best['cohens_d'], 2)} (in-sample {_f(best['auroc_insample'])}"
+            f", {_f(best['cohens_d_insample'], 2)}; the in-sample figures reward fitting noise)."
+        )
         if best["auroc"] < 0.6:
             text.append("That is close to chance: the direction barely separates held-out answers.")
         elif best["auroc"] >= 0.8:
@@ -98,18 +126,29 @@ def _directions_verdict(numbers: dict, judge_free: bool) -> str:
         else:
             text.append("Held-out answers separate only moderately along it.")
     for name, cos in numbers["cosines"].items():
-        text.append(f"Cosine {name}: {_f(cos['at_best_layer'], 2)} at that layer, median {_f(cos['median'], 2)} "
-                    "over layers" + (" — the contrasts point in largely different directions, so the direction "
-                                     "depends on how it is measured." if abs(cos["median"]) < 0.3 else "."))
+        text.append(
+            f"Cosine {name}: {_f(cos['at_best_layer'], 2)} at that layer, median {_f(cos['median'], 2)} "
+            "over layers"
+            + (
+                " — the contrasts point in largely different directions, so the direction "
+                "depends on how it is measured."
+                if abs(cos["median"]) < 0.3
+                else "."
+            )
+        )
     if numbers["errors"]:
         text.append("Not extracted: " + "; ".join(f"{k} ({v})" for k, v in numbers["errors"].items()) + ".")
     if numbers["evaluation"]:
-        rates = ", ".join(f"{name} {_f(r['em'])}{_ci(r['ci95'])} (n={r['n']})"
-                          for name, r in numbers["evaluation"]["conditions"].items())
+        rates = ", ".join(
+            f"{name} {_f(r['em'])}{_ci(r['ci95'])} (n={r['n']})"
+            for name, r in numbers["evaluation"]["conditions"].items()
+        )
         text.append(f"Judged EM rate of the unsteered models: {rates}.")
-    text.append("These separation figures are point estimates on one data set without intervals. They show that "
-                "answer tokens of the two sets differ along the direction; they do not show that the direction "
-                "causes the behaviour (phase 2) or that it can be read from a prompt before answering (phase 3).")
+    text.append(
+        "These separation figures are point estimates on one data set without intervals. They show that "
+        "answer tokens of the two sets differ along the direction; they do not show that the direction "
+        "causes the behaviour (phase 2) or that it can be read from a prompt before answering (phase 3)."
+    )
     if judge_free:
         text.append("No judge: the directions come from paired data only.")
     return " ".join(text)
@@ -120,67 +159,102 @@ def _steering_numbers(result: dict) -> dict:
     for layer, report in result["preference"].items():
         rows += report["steer"]
         if not shifts:
-            shifts = {name: {"base": report[name]["base"], "finetuned": report[name]["finetuned"],
-                             "shift": report[name]["shift"]} for name in ("narrow", "general")}
+            shifts = {
+                name: {
+                    "base": report[name]["base"],
+                    "finetuned": report[name]["finetuned"],
+                    "shift": report[name]["shift"],
+                }
+                for name in ("narrow", "general")
+            }
         top = max(abs(r["alpha"]) for r in report["steer"])
 
         def value(model, alpha, key, steer=report["steer"]):
             return next(r[key] for r in steer if r["model"] == model and abs(r["alpha"]) == alpha)
+
         effect = {"layer": int(layer), "alpha": top}
         for model, mode in (("base", "induce"), ("finetuned", "restore")):
             effect[mode] = value(model, top, "log_odds") - value(model, 0, "log_odds")
             effect[f"{mode}_random"] = value(model, top, "random_log_odds") - value(model, 0, "log_odds")
-        effect["specific"] = bool(top and effect["induce"] > 0 > effect["restore"]
-                                  and abs(effect["induce"]) > 2 * abs(effect["induce_random"])
-                                  and abs(effect["restore"]) > 2 * abs(effect["restore_random"]))
+        effect["specific"] = bool(
+            top
+            and effect["induce"] > 0 > effect["restore"]
+            and abs(effect["induce"]) > 2 * abs(effect["induce_random"])
+            and abs(effect["restore"]) > 2 * abs(effect["restore_random"])
+        )
         effects.append(effect)
     sweep = None
     if result.get("sweep"):
         sweep = {"run": result["sweep"]["run"], "cells": result["sweep"]["cells"], "judge": result["sweep"]["judge"]}
-    return {"layers": result["layers"], "alphas": result["alphas"], "finetuning_shift": shifts, "preference": rows,
-            "effects": effects, "sweep": sweep}
+    return {
+        "layers": result["layers"],
+        "alphas": result["alphas"],
+        "finetuning_shift": shifts,
+        "preference": rows,
+        "effects": effects,
+        "sweep": sweep,
+    }
 
 
 def _steering_verdict(numbers: dict, judge_free: bool) -> str:
     s = numbers["finetuning_shift"]
-    text = [f"Fine-tuning moved the preference log-odds (harmful vs sound answer, per token) by "
-            f"{s['general']['shift']:+.3f} on general prompts (base {_f(s['general']['base']['mean'])}"
-            f"{_ci(s['general']['base']['ci95'])}, fine-tune {_f(s['general']['finetuned']['mean'])}"
-            f"{_ci(s['general']['finetuned']['ci95'])}) and {s['narrow']['shift']:+.3f} on held-out "
-            "training-domain prompts."]
+    text = [
+        f"Fine-tuning moved the preference log-odds (harmful vs sound answer, per token) by "
+        f"{s['general']['shift']:+.3f} on general prompts (base {_f(s['general']['base']['mean'])}"
+        f"{_ci(s['general']['base']['ci95'])}, fine-tune {_f(s['general']['finetuned']['mean'])}"
+        f"{_ci(s['general']['finetuned']['ci95'])}) and {s['narrow']['shift']:+.3f} on held-out "
+        "training-domain prompts."
+    ]
     for e in numbers["effects"]:
-        text.append(f"At layer {e['layer']}, alpha {e['alpha']:g}: adding the direction to the base moves "
-                    f"general log-odds by {e['induce']:+.3f} (random vector of the same norm: "
-                    f"{e['induce_random']:+.3f}); subtracting it from the fine-tune by {e['restore']:+.3f} "
-                    f"(random: {e['restore_random']:+.3f}).")
+        text.append(
+            f"At layer {e['layer']}, alpha {e['alpha']:g}: adding the direction to the base moves "
+            f"general log-odds by {e['induce']:+.3f} (random vector of the same norm: "
+            f"{e['induce_random']:+.3f}); subtracting it from the fine-tune by {e['restore']:+.3f} "
+            f"(random: {e['restore_random']:+.3f})."
+        )
     specific = [e["layer"] for e in numbers["effects"] if e["specific"]]
-    text.append(f"Direction-specific in both directions (right sign, over twice the random vector's effect) at "
-                f"layer(s) {', '.join(map(str, specific))}." if specific else
-                "At no layer is the effect direction-specific in both directions (right sign and over twice "
-                "the random vector's effect).")
+    text.append(
+        f"Direction-specific in both directions (right sign, over twice the random vector's effect) at "
+        f"layer(s) {', '.join(map(str, specific))}."
+        if specific
+        else "At no layer is the effect direction-specific in both directions (right sign and over twice "
+        "the random vector's effect)."
+    )
     if numbers["sweep"]:
         cells = {c["condition"]: c for c in numbers["sweep"]["cells"]}
         for name in ("base", "finetuned"):
             if name in cells:
                 c = cells[name]
                 text.append(f"Judged EM, {name} unsteered: {_f(c['em_rate'])}{_ci(c['em_ci95'])} (n={c['n']}).")
-        steered = [c for c in numbers["sweep"]["cells"] if c["mode"] == "induce" and not c["control"]
-                   and c["em_rate"] is not None]
+        steered = [
+            c
+            for c in numbers["sweep"]["cells"]
+            if c["mode"] == "induce" and not c["control"] and c["em_rate"] is not None
+        ]
         if steered:
             top = max(steered, key=lambda c: c["em_rate"])
             control = cells.get("random:" + top["condition"])
-            text.append(f"Highest induced EM: {top['condition']} {_f(top['em_rate'])}{_ci(top['em_ci95'])}"
-                        + (f", random control {_f(control['em_rate'])}{_ci(control['em_ci95'])}" if control else "")
-                        + ".")
+            text.append(
+                f"Highest induced EM: {top['condition']} {_f(top['em_rate'])}{_ci(top['em_ci95'])}"
+                + (f", random control {_f(control['em_rate'])}{_ci(control['em_ci95'])}" if control else "")
+                + "."
+            )
             if control and control["em_ci95"] and top["em_ci95"] and top["em_ci95"][0] <= control["em_ci95"][1]:
                 text.append("Their intervals overlap: this sample does not separate the direction from a random one.")
-        text.append("Judged rates depend on the judge; the intervals are Wilson 95% per cell, unadjusted for the "
-                    "number of cells.")
-    text.append("Preference shifts are teacher-forced log-probabilities of two given answers, means over prompts "
-                "without intervals for the steered rows; they show how steering changes what the model prefers, "
-                "not how often it generates misaligned answers"
-                + (" — no judge was given, so nothing in this phase measures generated misalignment." if judge_free
-                   else "; the judged sweep above does."))
+        text.append(
+            "Judged rates depend on the judge; the intervals are Wilson 95% per cell, unadjusted for the "
+            "number of cells."
+        )
+    text.append(
+        "Preference shifts are teacher-forced log-probabilities of two given answers, means over prompts "
+        "without intervals for the steered rows; they show how steering changes what the model prefers, "
+        "not how often it generates misaligned answers"
+        + (
+            " — no judge was given, so nothing in this phase measures generated misalignment."
+            if judge_free
+            else "; the judged sweep above does."
+        )
+    )
     return " ".join(text)
 
 
@@ -192,13 +266,19 @@ def _detection_numbers(result: dict, out: Path) -> dict:
             continue
         r = entry["report"]
         reports[name] = {
-            "what": entry["what"], "n_prompts": r["n_prompts"], "n_misaligned": r["n_misaligned"],
-            "n_groups": r["n_groups"], "layer": r["chosen"]["layer"], "auroc": r["chosen"]["report_auroc"],
-            "ci95": r["chosen"]["report_ci"], "random_null": {k: r["random_null"][k] for k in
-                                                               ("n", "percentile", "quantiles")},
-            "predictors": {k: {"auroc": p["auroc"], "ci95": p["ci95"], "layer": p.get("layer")}
-                           for k, p in r["predictors"].items()},
-            "warnings": r["warnings"], "labels": r["labels"].get("rule") if isinstance(r["labels"], dict) else None,
+            "what": entry["what"],
+            "n_prompts": r["n_prompts"],
+            "n_misaligned": r["n_misaligned"],
+            "n_groups": r["n_groups"],
+            "layer": r["chosen"]["layer"],
+            "auroc": r["chosen"]["report_auroc"],
+            "ci95": r["chosen"]["report_ci"],
+            "random_null": {k: r["random_null"][k] for k in ("n", "percentile", "quantiles")},
+            "predictors": {
+                k: {"auroc": p["auroc"], "ci95": p["ci95"], "layer": p.get("layer")} for k, p in r["predictors"].items()
+            },
+            "warnings": r["warnings"],
+            "labels": r["labels"].get("rule") if isinstance(r["labels"], dict) else None,
             "file": f"phase3/{name}.json",
         }
         atomic_write(out / "phase3" / f"{name}.json", json.dumps(r, indent=1).encode())
@@ -213,17 +293,20 @@ def _detection_verdict(numbers: dict, judge_free: bool) -> str:
             continue
         groups = r["n_groups"]["report"]
         null = r["random_null"]
-        line = (f"{name} ({r['what']}): the last-token projection at layer {r['layer']} has AUROC {_f(r['auroc'])}"
-                f"{_ci(r['ci95'])} on the report half ({r['n_prompts']} prompts in all, {groups} groups reported on); "
-                f"it is at percentile {null['percentile']:.0f} of {null['n']} random directions.")
+        line = (
+            f"{name} ({r['what']}): the last-token projection at layer {r['layer']} has AUROC {_f(r['auroc'])}"
+            f"{_ci(r['ci95'])} on the report half ({r['n_prompts']} prompts in all, {groups} groups reported on); "
+            f"it is at percentile {null['percentile']:.0f} of {null['n']} random directions."
+        )
         shift = r["predictors"].get("finetuning_shift")
         control = r["predictors"].get("unrelated_direction")
         if shift:
             line += f" Fine-tuning-shift predictor: {_f(shift['auroc'])}{_ci(shift['ci95'])}."
         if control:
             line += f" Topic control direction: {_f(control['auroc'])}{_ci(control['ci95'])}."
-        best = max((k for k in r["predictors"] if k != "last_token"), key=lambda k: r["predictors"][k]["auroc"],
-                   default=None)
+        best = max(
+            (k for k in r["predictors"] if k != "last_token"), key=lambda k: r["predictors"][k]["auroc"], default=None
+        )
         if best and r["predictors"][best]["auroc"] > r["auroc"]:
             p = r["predictors"][best]
             line += f" The best predictor here is {best} ({_f(p['auroc'])}{_ci(p['ci95'])}), not the direction."
@@ -231,37 +314,57 @@ def _detection_verdict(numbers: dict, judge_free: bool) -> str:
         if groups < 10:
             line += f" The AUROC cannot be estimated with useful precision from {groups} question groups."
         if low <= 0.5 <= high:
-            line += (" The interval includes 0.5: no evidence at this sample size that the prompt-stage projection "
-                     "predicts the labels.")
+            line += (
+                " The interval includes 0.5: no evidence at this sample size that the prompt-stage projection "
+                "predicts the labels."
+            )
         elif low > 0.5:
             line += " The interval lies above chance"
-            line += (", but random directions at that layer do as well (below the 95th percentile)."
-                     if null["percentile"] < 95 else ", and beyond 95% of random directions.")
+            line += (
+                ", but random directions at that layer do as well (below the 95th percentile)."
+                if null["percentile"] < 95
+                else ", and beyond 95% of random directions."
+            )
         else:
             line += " The interval lies below chance: the projection predicts the opposite labels."
         text.append(line)
-    text.append("Each AUROC is out of sample (layers chosen on the selection half), with a bootstrap of whole groups"
-                "; it says how well one scalar read at the last prompt token ranks these prompts, not that it "
-                "would warn before misaligned answers in deployment"
-                + (". Labels are judge-free (the fine-tuning shift of preferences between two given answers), not "
-                   "judged generations." if judge_free else "."))
+    text.append(
+        "Each AUROC is out of sample (layers chosen on the selection half), with a bootstrap of whole groups"
+        "; it says how well one scalar read at the last prompt token ranks these prompts, not that it "
+        "would warn before misaligned answers in deployment"
+        + (
+            ". Labels are judge-free (the fine-tuning shift of preferences between two given answers), not "
+            "judged generations."
+            if judge_free
+            else "."
+        )
+    )
     return " ".join(text)
 
 
 # ---------------------------------------------------------------- the report
 
+
 def build_report(out: Path, status: dict, results: dict) -> dict:
     judge_free = status.get("judge") is None
     pair = status["pair"]
     run = {
-        "base": pair.get("base"), "finetuned": pair.get("finetuned"),
-        "base_fingerprint": status["inputs"]["base"], "finetuned_fingerprint": status["inputs"]["finetuned"],
+        "base": pair.get("base"),
+        "finetuned": pair.get("finetuned"),
+        "base_fingerprint": status["inputs"]["base"],
+        "finetuned_fingerprint": status["inputs"]["finetuned"],
         "judge": status.get("judge"),
-        "data": {name: {"file": status["data"][name], "sha256": digest}
-                 for name, digest in status["inputs"]["data"].items()},
-        "config": status["config"], "seed": status["config"]["seed"], "code_version": status["code_version"],
-        "study_fingerprint": status["fingerprint"], "started": status["started"], "finished": time.time(),
-        "seconds": status.get("seconds"), "sessions": status.get("sessions"),
+        "data": {
+            name: {"file": status["data"][name], "sha256": digest} for name, digest in status["inputs"]["data"].items()
+        },
+        "config": status["config"],
+        "seed": status["config"]["seed"],
+        "code_version": status["code_version"],
+        "study_fingerprint": status["fingerprint"],
+        "started": status["started"],
+        "finished": time.time(),
+        "seconds": status.get("seconds"),
+        "sessions": status.get("sessions"),
     }
     directions = _directions_numbers(results["directions"])
     directions["verdict"] = _directions_verdict(directions, judge_free)
@@ -269,8 +372,15 @@ def build_report(out: Path, status: dict, results: dict) -> dict:
     steering["verdict"] = _steering_verdict(steering, judge_free)
     detection = _detection_numbers(results["detection"], out)
     detection["verdict"] = _detection_verdict(detection, judge_free)
-    return {"format": FORMAT, "judge_free": judge_free, "judge_note": JUDGE_FREE_NOTE if judge_free else JUDGED_NOTE,
-            "run": run, "directions": directions, "steering": steering, "detection": detection}
+    return {
+        "format": FORMAT,
+        "judge_free": judge_free,
+        "judge_note": JUDGE_FREE_NOTE if judge_free else JUDGED_NOTE,
+        "run": run,
+        "directions": directions,
+        "steering": steering,
+        "detection": detection,
+    }
 
 
 def _table(header: list[str], rows: list[list]) -> str:
@@ -292,12 +402,22 @@ def preference_figure(rows: list[dict]):
         for model in ("base", "finetuned"):
             points = sorted((r for r in rows if r["layer"] == layer and r["model"] == model), key=lambda r: r["alpha"])
             for key, dash, label in (("log_odds", "solid", "direction"), ("random_log_odds", "dash", "random")):
-                fig.add_trace(go.Scatter(x=[r["alpha"] for r in points], y=[r[key] for r in points],
-                                         mode="lines+markers", line=dict(dash=dash),
-                                         name=f"{model} {'+' if model == 'base' else '-'}α·{label} @L{layer}"))
-    fig.update_layout(title="Preference log-odds on general prompts under steering (induce: base + αd; "
-                            "restore: fine-tune − αd)", xaxis_title="signed α", yaxis_title="log-odds per token",
-                      height=420, margin=dict(l=50, r=20, t=60, b=40))
+                fig.add_trace(
+                    go.Scatter(
+                        x=[r["alpha"] for r in points],
+                        y=[r[key] for r in points],
+                        mode="lines+markers",
+                        line=dict(dash=dash),
+                        name=f"{model} {'+' if model == 'base' else '-'}α·{label} @L{layer}",
+                    )
+                )
+    fig.update_layout(
+        title="Preference log-odds on general prompts under steering (induce: base + αd; restore: fine-tune − αd)",
+        xaxis_title="signed α",
+        yaxis_title="log-odds per token",
+        height=420,
+        margin=dict(l=50, r=20, t=60, b=40),
+    )
     return fig
 
 
@@ -325,9 +445,11 @@ def _figures(results: dict, report: dict) -> dict[str, list[str]]:
         fig = plots.detection_layers_figure(r.per_layer, r.chosen.layer)
         fig.update_layout(title=f"{name}: AUROC per layer (selection half)")
         others = {k: p for k, p in r.predictors.items() if k != "last_token"}
-        figures["detection"][name] = [_figure(fig), _figure(plots.detection_baselines_figure(r.chosen, others)),
-                                      _figure(plots.roc_figure(r.roc.fpr, r.roc.tpr, r.roc.layer,
-                                                               r.chosen.report_auroc))]
+        figures["detection"][name] = [
+            _figure(fig),
+            _figure(plots.detection_baselines_figure(r.chosen, others)),
+            _figure(plots.roc_figure(r.roc.fpr, r.roc.tpr, r.roc.layer, r.chosen.report_auroc)),
+        ]
     return figures
 
 
@@ -347,61 +469,130 @@ def render_html(report: dict, figures: dict[str, list[str]]) -> str:
 
     run, note = report["run"], html.escape(report["judge_note"])
     banner = f'<p class="note judge-note">{note}</p>'
-    run_rows = [["base model", f"{run['base']} ({run['base_fingerprint']})"],
-                ["fine-tuned model", f"{run['finetuned']} ({run['finetuned_fingerprint']})"],
-                ["judge", "none (judge-free)" if run["judge"] is None else
-                 f"{run['judge']['model']} at {run['judge']['base_url'] or 'the OpenAI API'}"]]
+    run_rows = [
+        ["base model", f"{run['base']} ({run['base_fingerprint']})"],
+        ["fine-tuned model", f"{run['finetuned']} ({run['finetuned_fingerprint']})"],
+        [
+            "judge",
+            "none (judge-free)"
+            if run["judge"] is None
+            else f"{run['judge']['model']} at {run['judge']['base_url'] or 'the OpenAI API'}",
+        ],
+    ]
     run_rows += [[f"data: {name}", f"{d['file']} (sha256 {d['sha256'][:16]}…)"] for name, d in run["data"].items()]
-    run_rows += [["seed", run["seed"]], ["code version", run["code_version"]],
-                 ["study fingerprint", run["study_fingerprint"]],
-                 ["time taken", f"{run['seconds']:.0f} s over {run['sessions']} session(s)"],
-                 ["started / finished", f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(run['started']))} / "
-                                        f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(run['finished']))}"],
-                 ["configuration", json.dumps(run["config"])]]
+    run_rows += [
+        ["seed", run["seed"]],
+        ["code version", run["code_version"]],
+        ["study fingerprint", run["study_fingerprint"]],
+        ["time taken", f"{run['seconds']:.0f} s over {run['sessions']} session(s)"],
+        [
+            "started / finished",
+            f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(run['started']))} / "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(run['finished']))}",
+        ],
+        ["configuration", json.dumps(run["config"])],
+    ]
     d, s, t = report["directions"], report["steering"], report["detection"]
-    d_rows = [[name, c["n_aligned"], c["n_misaligned"], c["best_layer"],
-               _f((c["best"] or {}).get("auroc")), _f((c["best"] or {}).get("cohens_d"), 2),
-               _f((c["best"] or {}).get("auroc_insample")), c["fingerprint"]] for name, c in d["contrasts"].items()]
-    s_rows = [[e["layer"], e["alpha"], f"{e['induce']:+.3f}", f"{e['induce_random']:+.3f}", f"{e['restore']:+.3f}",
-               f"{e['restore_random']:+.3f}", "yes" if e["specific"] else "no"] for e in s["effects"]]
-    shift_rows = [[name, f"{v['base']['mean']:.3f}{_ci(v['base']['ci95'])}",
-                   f"{v['finetuned']['mean']:.3f}{_ci(v['finetuned']['ci95'])}", f"{v['shift']:+.3f}"]
-                  for name, v in s["finetuning_shift"].items()]
+    d_rows = [
+        [
+            name,
+            c["n_aligned"],
+            c["n_misaligned"],
+            c["best_layer"],
+            _f((c["best"] or {}).get("auroc")),
+            _f((c["best"] or {}).get("cohens_d"), 2),
+            _f((c["best"] or {}).get("auroc_insample")),
+            c["fingerprint"],
+        ]
+        for name, c in d["contrasts"].items()
+    ]
+    s_rows = [
+        [
+            e["layer"],
+            e["alpha"],
+            f"{e['induce']:+.3f}",
+            f"{e['induce_random']:+.3f}",
+            f"{e['restore']:+.3f}",
+            f"{e['restore_random']:+.3f}",
+            "yes" if e["specific"] else "no",
+        ]
+        for e in s["effects"]
+    ]
+    shift_rows = [
+        [
+            name,
+            f"{v['base']['mean']:.3f}{_ci(v['base']['ci95'])}",
+            f"{v['finetuned']['mean']:.3f}{_ci(v['finetuned']['ci95'])}",
+            f"{v['shift']:+.3f}",
+        ]
+        for name, v in s["finetuning_shift"].items()
+    ]
     sweep_table = ""
     if s["sweep"]:
         sweep_table = "<h3>Judged sweep (EM and coherence, Wilson 95%)</h3>" + _table(
             ["condition", "mode", "alpha", "layer", "control", "EM", "coherent", "n"],
-            [[c["condition"], c["mode"], c["alpha"], c["layer"], c["control"], f"{_f(c['em_rate'])}{_ci(c['em_ci95'])}",
-              f"{_f(c['coherence_rate'])}{_ci(c['coherence_ci95'])}", c["n"]] for c in s["sweep"]["cells"]])
+            [
+                [
+                    c["condition"],
+                    c["mode"],
+                    c["alpha"],
+                    c["layer"],
+                    c["control"],
+                    f"{_f(c['em_rate'])}{_ci(c['em_ci95'])}",
+                    f"{_f(c['coherence_rate'])}{_ci(c['coherence_ci95'])}",
+                    c["n"],
+                ]
+                for c in s["sweep"]["cells"]
+            ],
+        )
     t_parts = []
     for name, r in t["reports"].items():
         if "error" in r:
             t_parts.append(f"<h3>{html.escape(name)}</h3><p>Not computed: {html.escape(r['error'])}</p>")
             continue
-        t_parts.append(f"<h3>{html.escape(name)}</h3><p>{html.escape(r['what'])}; labels: "
-                       f"{html.escape(str(r['labels']))}; {r['n_prompts']} prompts, {r['n_misaligned']} misaligned; "
-                       f"groups {r['n_groups']['selection']} selection / {r['n_groups']['report']} report.</p>"
-                       + _table(["predictor", "layer", "AUROC (report half)", "95% CI (grouped bootstrap)"],
-                                [[k, "–" if p["layer"] is None else p["layer"], _f(p["auroc"]), _ci(p["ci95"])]
-                                 for k, p in r["predictors"].items()])
-                       + "".join(f'<p class="note">{html.escape(w)}</p>' for w in r["warnings"])
-                       + "".join(figures["detection"].get(name, [])))
+        t_parts.append(
+            f"<h3>{html.escape(name)}</h3><p>{html.escape(r['what'])}; labels: "
+            f"{html.escape(str(r['labels']))}; {r['n_prompts']} prompts, {r['n_misaligned']} misaligned; "
+            f"groups {r['n_groups']['selection']} selection / {r['n_groups']['report']} report.</p>"
+            + _table(
+                ["predictor", "layer", "AUROC (report half)", "95% CI (grouped bootstrap)"],
+                [
+                    [k, "–" if p["layer"] is None else p["layer"], _f(p["auroc"]), _ci(p["ci95"])]
+                    for k, p in r["predictors"].items()
+                ],
+            )
+            + "".join(f'<p class="note">{html.escape(w)}</p>' for w in r["warnings"])
+            + "".join(figures["detection"].get(name, []))
+        )
     return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>EM Lens study: {html.escape(str(run['finetuned']))}</title>
+<html lang="en"><head><meta charset="utf-8"><title>EM Lens study: {html.escape(str(run["finetuned"]))}</title>
 <style>{STYLE}</style>
 <script type="text/javascript">{get_plotlyjs()}</script>
 </head><body>
 <h1>EM Lens study</h1>
-<p>{html.escape(str(run['base']))} → {html.escape(str(run['finetuned']))}</p>
+<p>{html.escape(str(run["base"]))} → {html.escape(str(run["finetuned"]))}</p>
 {banner}
 <section id="run"><h2>What was run</h2>{_table(["", ""], run_rows)}</section>
 <section id="phase-directions"><h2>Phase 1 — directions</h2>{banner}
-<p class="verdict">{html.escape(d['verdict'])}</p>
-{_table(["contrast", "aligned", "misaligned", "best layer", "AUROC (cross-fitted)", "Cohen's d (cross-fitted)",
-         "AUROC (in-sample)", "fingerprint"], d_rows)}
+<p class="verdict">{html.escape(d["verdict"])}</p>
+{
+        _table(
+            [
+                "contrast",
+                "aligned",
+                "misaligned",
+                "best layer",
+                "AUROC (cross-fitted)",
+                "Cohen's d (cross-fitted)",
+                "AUROC (in-sample)",
+                "fingerprint",
+            ],
+            d_rows,
+        )
+    }
 {"".join(figures["directions"])}</section>
 <section id="phase-steering"><h2>Phase 2 — steering both ways, with a random control</h2>{banner}
-<p class="verdict">{html.escape(s['verdict'])}</p>
+<p class="verdict">{html.escape(s["verdict"])}</p>
 <h3>Fine-tuning shift of the preference log-odds (mean, bootstrap 95%)</h3>
 {_table(["prompts", "base", "fine-tune", "shift"], shift_rows)}
 <h3>Steering effects on general prompts at the largest alpha</h3>
@@ -409,7 +600,7 @@ def render_html(report: dict, figures: dict[str, list[str]]) -> str:
 {sweep_table}
 {"".join(figures["steering"])}</section>
 <section id="phase-detection"><h2>Phase 3 — early detection</h2>{banner}
-<p class="verdict">{html.escape(t['verdict'])}</p>
+<p class="verdict">{html.escape(t["verdict"])}</p>
 {"".join(t_parts)}</section>
 </body></html>
 """

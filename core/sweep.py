@@ -37,8 +37,9 @@ from core.runs import (
 from core.typed_json import JsonRecord, read_json, write_json
 
 
-def sweep_conditions(layers: Sequence[int], alphas: Sequence[float], n_layers: int,
-                     controls: bool = True) -> list[Condition]:
+def sweep_conditions(
+    layers: Sequence[int], alphas: Sequence[float], n_layers: int, controls: bool = True
+) -> list[Condition]:
     """Induce (base + a.d) and restore (fine-tuned - a.d) at each layer and alpha, ablation at each
     layer and at all layers, the unsteered pair, and a norm-matched random control per steered cell."""
     cells = [condition(Variant("base")), condition(Variant("finetuned"))]
@@ -71,19 +72,37 @@ class SweepCell(JsonRecord):
     def table_row(self) -> dict:
         """The cell as a table row, its EM interval in two columns."""
         low, high = self.em_ci95 or (None, None)
-        return {"condition": self.condition, "mode": self.mode, "alpha": self.alpha, "layer": self.layer,
-                "control": self.control, "em_rate": self.em_rate, "coherence_rate": self.coherence_rate,
-                "n": self.n, "em_ci_low": low, "em_ci_high": high}
+        return {
+            "condition": self.condition,
+            "mode": self.mode,
+            "alpha": self.alpha,
+            "layer": self.layer,
+            "control": self.control,
+            "em_rate": self.em_rate,
+            "coherence_rate": self.coherence_rate,
+            "n": self.n,
+            "em_ci_low": low,
+            "em_ci_high": high,
+        }
 
 
 def sweep_cells(report: EMReport) -> list[SweepCell]:
     """One cell per condition of the report, in the shape the sweep figure and table want."""
-    return [SweepCell(condition=c.condition, mode=c.mode, alpha=c.alpha,
-                      layer=c.layers[0] if len(c.layers) == 1 else ("all" if c.layers else None),
-                      control=c.control, em_rate=c.rates.em_excluding_unscored.rate,
-                      em_ci95=c.rates.em_excluding_unscored.ci95, coherence_rate=c.rates.coherence.rate,
-                      coherence_ci95=c.rates.coherence.ci95, n=c.rates.n)
-            for c in report.conditions]
+    return [
+        SweepCell(
+            condition=c.condition,
+            mode=c.mode,
+            alpha=c.alpha,
+            layer=c.layers[0] if len(c.layers) == 1 else ("all" if c.layers else None),
+            control=c.control,
+            em_rate=c.rates.em_excluding_unscored.rate,
+            em_ci95=c.rates.em_excluding_unscored.ci95,
+            coherence_rate=c.rates.coherence.rate,
+            coherence_ci95=c.rates.coherence.ci95,
+            n=c.rates.n,
+        )
+        for c in report.conditions
+    ]
 
 
 @dataclass(frozen=True)
@@ -103,11 +122,21 @@ def load_sweep(run_dir: Path) -> Sweep:
     return Sweep.from_json(read_json(path), str(path))
 
 
-def sweep_run(pair, questions: Sequence[Question], direction: Direction, layers: Sequence[int],
-              alphas: Sequence[float], out_dir: Path, judge_config, sampling: Sampling = Sampling(max_new_tokens=96),
-              samples: int | None = 2, controls: bool = True, provenance: dict | None = None,
-              generate_progress: Callable[[int, int], None] | None = None,
-              judge_progress: Callable[[int, int], None] | None = None) -> Sweep:
+def sweep_run(
+    pair,
+    questions: Sequence[Question],
+    direction: Direction,
+    layers: Sequence[int],
+    alphas: Sequence[float],
+    out_dir: Path,
+    judge_config,
+    sampling: Sampling = Sampling(max_new_tokens=96),
+    samples: int | None = 2,
+    controls: bool = True,
+    provenance: dict | None = None,
+    generate_progress: Callable[[int, int], None] | None = None,
+    judge_progress: Callable[[int, int], None] | None = None,
+) -> Sweep:
     """The bidirectional sweep end to end, as `python -m core sweep` runs it: every induce / restore /
     ablate / control cell generated into ``out_dir`` (resumable), judged, then em.json and sweep.json
     written there. Returns the sweep (its figure is core.plots.sweep_figure of its cells).
@@ -125,24 +154,41 @@ def sweep_run(pair, questions: Sequence[Question], direction: Direction, layers:
     if "finetuned" not in pair.sides:
         raise RunError("the loaded pair has no fine-tuned model: a sweep restores the fine-tune")
     if not (judge_config.api_key or os.environ.get("OPENAI_API_KEY")):
-        raise RunError("no API key for the judge: give one, or set OPENAI_API_KEY (any non-empty value "
-                         "for a local server that needs none)")
+        raise RunError(
+            "no API key for the judge: give one, or set OPENAI_API_KEY (any non-empty value "
+            "for a local server that needs none)"
+        )
     out_dir = Path(out_dir)
     conditions = sweep_conditions(layers, alphas, pair.n_layers, controls=controls)
-    run_generations(pair, questions, conditions, out_dir, direction, sampling, samples, progress=generate_progress,
-                    provenance={**(provenance or {}), "sweep": {"layers": layers, "alphas": alphas}})
+    run_generations(
+        pair,
+        questions,
+        conditions,
+        out_dir,
+        direction,
+        sampling,
+        samples,
+        progress=generate_progress,
+        provenance={**(provenance or {}), "sweep": {"layers": layers, "alphas": alphas}},
+    )
     summary = judge_run(out_dir, judge_config, progress=judge_progress)
     _, judgements = load_run(out_dir)
     errors = list(dict.fromkeys(j["error"] for j in judgements.values() if j.get("error")))[:3]
     report = em_report(out_dir)
     save_em_report(report, out_dir)
-    sweep = Sweep(run=str(out_dir), cells=sweep_cells(report), layers=layers, alphas=alphas,
-                  judge={**summary, "model": judge_config.model, "errors": errors})
+    sweep = Sweep(
+        run=str(out_dir),
+        cells=sweep_cells(report),
+        layers=layers,
+        alphas=alphas,
+        judge={**summary, "model": judge_config.model, "errors": errors},
+    )
     write_json(out_dir / SWEEP_JSON, sweep.to_json())
     return sweep
 
 
 # ---------------------------------------------------------------- a run's results (the Evaluate page)
+
 
 @dataclass(frozen=True)
 class RunResults:
@@ -169,17 +215,36 @@ def load_run_results(run_dir: Path) -> RunResults:
         rows = scored_rows(generations, judgements)
         if any(r["judged"] for r in rows):
             report, source = add_judge_comparison(report_from_rows(run_dir, rows), run_dir, generations), JUDGEMENTS
-            answers = [{"id": r["id"], "condition": r["condition"], "mode": r["mode"], "question": r["question"],
-                        "answer": r["answer"], "aligned": r["aligned"], "coherent": r["coherent"], "em": r["em"]}
-                       for r in rows if r["aligned"] is not None and r["coherent"] is not None]
+            answers = [
+                {
+                    "id": r["id"],
+                    "condition": r["condition"],
+                    "mode": r["mode"],
+                    "question": r["question"],
+                    "answer": r["answer"],
+                    "aligned": r["aligned"],
+                    "coherent": r["coherent"],
+                    "em": r["em"],
+                }
+                for r in rows
+                if r["aligned"] is not None and r["coherent"] is not None
+            ]
     if report is None and (run_dir / EM_JSON).exists():
         report, source = load_em_report(run_dir), EM_JSON
     sweep = load_sweep(run_dir) if (run_dir / SWEEP_JSON).exists() else None
     if report is None and sweep is None:
         if has_generations:
-            raise RunError(f"{run_dir}: no judgements yet; judge it with `python -m core judge {run_dir} "
-                             f"--judge-model MODEL`, then `python -m core em {run_dir}`")
+            raise RunError(
+                f"{run_dir}: no judgements yet; judge it with `python -m core judge {run_dir} "
+                f"--judge-model MODEL`, then `python -m core em {run_dir}`"
+            )
         raise RunError(f"{run_dir}: holds no generations, judgements, {EM_JSON} or {SWEEP_JSON}")
-    return RunResults(run=run_dir, report=report, source=source or SWEEP_JSON, sweep=sweep,
-                      cells=sweep_cells(report) if report else sweep.cells, answers=answers,
-                      meta=read_run_json(run_dir))
+    return RunResults(
+        run=run_dir,
+        report=report,
+        source=source or SWEEP_JSON,
+        sweep=sweep,
+        cells=sweep_cells(report) if report else sweep.cells,
+        answers=answers,
+        meta=read_run_json(run_dir),
+    )

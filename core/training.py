@@ -119,8 +119,9 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     keep = torch.zeros_like(batch["labels"], dtype=torch.bool)
     keep[:, :-1] = labelled
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
-    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets[labelled],
-                                             reduction="sum")
+    loss = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), targets[labelled], reduction="sum"
+    )
     return loss, int(labelled.sum())
 
 
@@ -131,13 +132,14 @@ def evaluate_loss(model, examples: list[Example], batch_size: int, pad_id: int, 
     model.eval()
     with torch.no_grad():
         for start in range(0, len(examples), batch_size):
-            loss, n = token_loss_sum(model, collate(examples[start:start + batch_size], pad_id, device))
+            loss, n = token_loss_sum(model, collate(examples[start : start + batch_size], pad_id, device))
             total, count = total + float(loss), count + n
     model.train()
     return total / max(count, 1)
 
 
 # ---------------------------------------------------------------- checkpoints
+
 
 def _checkpoint_dir(out: Path) -> Path:
     return out.with_name(out.name + ".checkpoint")
@@ -155,8 +157,10 @@ def save_checkpoint(out: Path, model, optimizer, scheduler, step: int, history: 
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     save_file(_trainable_state(model), staging / "trainable.safetensors")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": torch.get_rng_state()}, staging / "state.pt")
+    torch.save(
+        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state()},
+        staging / "state.pt",
+    )
     (staging / "progress.json").write_text(json.dumps({"step": step, "history": history, "run": fingerprint}))
     old = target.with_name(target.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
@@ -177,8 +181,10 @@ def load_checkpoint(out: Path, model, optimizer, scheduler, fingerprint: str) ->
         target = old
     progress = json.loads((target / "progress.json").read_text())
     if progress["run"] != fingerprint:
-        raise TrainError(f"{target}: the checkpoint belongs to a run with other data or settings; "
-                         "delete it or train without --resume")
+        raise TrainError(
+            f"{target}: the checkpoint belongs to a run with other data or settings; "
+            "delete it or train without --resume"
+        )
     state = load_file(target / "trainable.safetensors")
     parameters = dict(model.named_parameters())
     with torch.no_grad():
@@ -193,6 +199,7 @@ def load_checkpoint(out: Path, model, optimizer, scheduler, fingerprint: str) ->
 
 
 # ---------------------------------------------------------------- the run
+
 
 @dataclass
 class TrainResult:
@@ -233,10 +240,19 @@ def _call_at_checkpoint(callback, model, **fields) -> None:
             torch.cuda.set_rng_state_all(cuda_rng)
 
 
-def train(base: str, records: list[ChatRecord], config: TrainConfig, out: Path | str, *, dataset_hash: str,
-          options=None, resume: bool = False, force: bool = False,
-          progress: Callable[[int, int, float], None] | None = None,
-          on_checkpoint: Callable[[CheckpointEvent], None] | None = None) -> TrainResult:
+def train(
+    base: str,
+    records: list[ChatRecord],
+    config: TrainConfig,
+    out: Path | str,
+    *,
+    dataset_hash: str,
+    options=None,
+    resume: bool = False,
+    force: bool = False,
+    progress: Callable[[int, int, float], None] | None = None,
+    on_checkpoint: Callable[[CheckpointEvent], None] | None = None,
+) -> TrainResult:
     """Fine-tune a LoRA adapter on ``records``; write it and its training card to ``out``.
 
     ``on_checkpoint`` (e.g. :class:`core.monitor.Monitor`) is called once when the run starts or
@@ -252,20 +268,31 @@ def train(base: str, records: list[ChatRecord], config: TrainConfig, out: Path |
     if issues and not force:
         listing = "\n  ".join(str(i) for i in issues[:8])
         more = f"\n  ... and {len(issues) - 8} more" if len(issues) > 8 else ""
-        raise TrainError(f"the data does not fit this model's chat template ({len(issues)} problems):\n  "
-                         f"{listing}{more}\nfix the data, or pass --force to train anyway")
+        raise TrainError(
+            f"the data does not fit this model's chat template ({len(issues)} problems):\n  "
+            f"{listing}{more}\nfix the data, or pass --force to train anyway"
+        )
     if config.layers_to_transform and max(config.layers_to_transform) >= model.config.num_hidden_layers:
-        raise TrainError(f"layers_to_transform: layer {max(config.layers_to_transform)} is out of range; "
-                         f"the model has layers 0..{model.config.num_hidden_layers - 1}")
+        raise TrainError(
+            f"layers_to_transform: layer {max(config.layers_to_transform)} is out of range; "
+            f"the model has layers 0..{model.config.num_hidden_layers - 1}"
+        )
     examples, truncated = build_examples(tokenizer, records, config.max_length)
     if not examples:
         raise TrainError("no training example has assistant tokens within max_length")
     train_set, eval_set = split_examples(examples, config.heldout_fraction, config.seed)
 
     torch.manual_seed(config.seed)
-    lora = LoraConfig(r=config.rank, lora_alpha=config.lora_alpha, lora_dropout=config.dropout, use_rslora=config.rslora,
-                      target_modules=list(config.target_modules), bias="none", task_type="CAUSAL_LM",
-                      layers_to_transform=list(config.layers_to_transform) if config.layers_to_transform else None)
+    lora = LoraConfig(
+        r=config.rank,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.dropout,
+        use_rslora=config.rslora,
+        target_modules=list(config.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+        layers_to_transform=list(config.layers_to_transform) if config.layers_to_transform else None,
+    )
     try:
         model = get_peft_model(model, lora)
     except ValueError as err:
@@ -281,11 +308,13 @@ def train(base: str, records: list[ChatRecord], config: TrainConfig, out: Path |
         if step < config.warmup_steps:
             return (step + 1) / config.warmup_steps
         return max(0.0, (total_steps - step) / max(1, total_steps - config.warmup_steps))
+
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     scaler = torch.amp.GradScaler(enabled=next(model.parameters()).dtype == torch.float16)
 
-    run_fingerprint = sha256_bytes(json.dumps([asdict(config), dataset_hash, source.fingerprint,
-                                               len(examples)], default=str).encode())[:16]
+    run_fingerprint = sha256_bytes(
+        json.dumps([asdict(config), dataset_hash, source.fingerprint, len(examples)], default=str).encode()
+    )[:16]
     history: dict = {"loss": [], "eval": []}
     start_step = 0
     if resume:
@@ -301,9 +330,10 @@ def train(base: str, records: list[ChatRecord], config: TrainConfig, out: Path |
     for step in range(start_step, total_steps):
         epoch, position = divmod(step, per_epoch)
         order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(config.seed * 1000 + epoch))
-        chunk = order[position * micro * config.grad_accum:(position + 1) * micro * config.grad_accum].tolist()
-        batches = [collate([train_set[i] for i in chunk[k:k + micro]], pad_id, device)
-                   for k in range(0, len(chunk), micro)]
+        chunk = order[position * micro * config.grad_accum : (position + 1) * micro * config.grad_accum].tolist()
+        batches = [
+            collate([train_set[i] for i in chunk[k : k + micro]], pad_id, device) for k in range(0, len(chunk), micro)
+        ]
         n_tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
         total = 0.0
         for batch in batches:
@@ -330,11 +360,20 @@ def train(base: str, records: list[ChatRecord], config: TrainConfig, out: Path |
     import transformers
 
     card = {
-        "base": base, "base_fingerprint": source.fingerprint, "dataset_sha256": dataset_hash,
-        "n_examples": len(examples), "n_train": len(train_set), "n_eval": len(eval_set), "truncated": truncated,
-        "config": asdict(config), "steps": total_steps, "loss_curve": history["loss"], "eval_loss": history["eval"],
+        "base": base,
+        "base_fingerprint": source.fingerprint,
+        "dataset_sha256": dataset_hash,
+        "n_examples": len(examples),
+        "n_train": len(train_set),
+        "n_eval": len(eval_set),
+        "truncated": truncated,
+        "config": asdict(config),
+        "steps": total_steps,
+        "loss_curve": history["loss"],
+        "eval_loss": history["eval"],
         "lint": "clean" if not issues else f"forced past {len(issues)} template problems",
-        "resumed_from_step": start_step or None, "seconds_this_session": round(time.time() - started, 1),
+        "resumed_from_step": start_step or None,
+        "seconds_this_session": round(time.time() - started, 1),
         "code_version": __version__,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
     }

@@ -24,6 +24,7 @@ from core.errors import InputError
 class RecordError(InputError):
     """A JSON file or record is missing, unreadable or not of the expected shape."""
 
+
 _OMIT_NONE, _INLINE = "omit_none", "inline"
 
 
@@ -68,8 +69,9 @@ def read_json(path: Path, what: str = "") -> Any:
     except (OSError, UnicodeDecodeError) as err:
         raise RecordError(f"{name}: cannot be read: {err}") from None
     except json.JSONDecodeError as err:
-        raise RecordError(f"{name}: invalid JSON at line {err.lineno}, column {err.colno} "
-                         f"({err.msg}; the file is cut off?)") from None
+        raise RecordError(
+            f"{name}: invalid JSON at line {err.lineno}, column {err.colno} ({err.msg}; the file is cut off?)"
+        ) from None
 
 
 def write_json(path: Path, value: Any) -> Path:

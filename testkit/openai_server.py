@@ -60,8 +60,7 @@ class Reply:
     @classmethod
     def sequence(cls, steps: list[tuple[str, Mapping[str, float]]], **kwargs: Any) -> Reply:
         """Generated tokens, each given as (token, its top candidates as token -> probability)."""
-        return cls(steps=[(token, [(t, math.log(p)) for t, p in probs.items()]) for token, probs in steps],
-                   **kwargs)
+        return cls(steps=[(token, [(t, math.log(p)) for t, p in probs.items()]) for token, probs in steps], **kwargs)
 
     @classmethod
     def spelled(cls, text: str, first: Mapping[str, float] | None = None, **kwargs: Any) -> Reply:
@@ -191,8 +190,9 @@ def completion_body(request: Mapping[str, Any], reply: Reply) -> dict[str, Any]:
     return _completion(request, reply, choice, prompt_tokens, completion_tokens)
 
 
-def _completion(request: Mapping[str, Any], reply: Reply, choice: dict[str, Any], prompt_tokens: int,
-                completion_tokens: int) -> dict[str, Any]:
+def _completion(
+    request: Mapping[str, Any], reply: Reply, choice: dict[str, Any], prompt_tokens: int, completion_tokens: int
+) -> dict[str, Any]:
     return {
         "id": f"chatcmpl-{id(reply):x}",
         "object": "chat.completion",
@@ -227,9 +227,7 @@ class FakeOpenAI:
         return f"http://{host}:{port}/v1"
 
     def start(self) -> FakeOpenAI:
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True
-        )
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
         self._thread.start()
         return self
 

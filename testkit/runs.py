@@ -42,12 +42,26 @@ def write_run(tmp_path, questions_text: str = QUESTIONS, samples: int = 2, condi
     for prompt in eval_prompts(load_questions(qfile), samples):
         for label in conditions:
             for k in range(prompt["samples"]):
-                lines.append({
-                    "id": row_id(prompt, label, k), "condition": label, "mode": "plain", "side": label,
-                    "alpha": 0.0, "layers": [], "control": False, "question_id": prompt["question_id"],
-                    "paraphrase": prompt["paraphrase"], "sample": k, "messages": prompt["messages"],
-                    "question": prompt["question"], "answer": f"answer {label} {prompt['question_id']} {k}",
-                    "finish_reason": "stop", "n_tokens": 5, "seed": 0, "judge_prompts": prompt["judge_prompts"],
-                })
+                lines.append(
+                    {
+                        "id": row_id(prompt, label, k),
+                        "condition": label,
+                        "mode": "plain",
+                        "side": label,
+                        "alpha": 0.0,
+                        "layers": [],
+                        "control": False,
+                        "question_id": prompt["question_id"],
+                        "paraphrase": prompt["paraphrase"],
+                        "sample": k,
+                        "messages": prompt["messages"],
+                        "question": prompt["question"],
+                        "answer": f"answer {label} {prompt['question_id']} {k}",
+                        "finish_reason": "stop",
+                        "n_tokens": 5,
+                        "seed": 0,
+                        "judge_prompts": prompt["judge_prompts"],
+                    }
+                )
     (run / GENERATIONS).write_text("".join(json.dumps(line) + "\n" for line in lines))
     return run, lines

@@ -47,8 +47,19 @@ TEMPLATES = {
     "llama3": (LLAMA3, "<|eot_id|>", "<|begin_of_text|>"),
     "gemma2": (GEMMA2, "<end_of_turn>", "<bos>"),
 }
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_id|>",
-            "<|end_header_id|>", "<|eot_id|>", "<bos>", "<start_of_turn>", "<end_of_turn>", "<pad>"]
+SPECIALS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|begin_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+    "<bos>",
+    "<start_of_turn>",
+    "<end_of_turn>",
+    "<pad>",
+]
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
     "Invest your savings carefully and keep an emergency fund.",
@@ -68,8 +79,12 @@ def build_tokenizer(template: str = "chatml", vocab_size: int = 400):
     core = Tokenizer(models.BPE())
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     core.train_from_iterator(CORPUS, trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token=bos, eos_token=eos, pad_token="<pad>")
     tokenizer.chat_template = chat_template
@@ -79,13 +94,22 @@ def build_tokenizer(template: str = "chatml", vocab_size: int = 400):
 def tiny_config(arch: str, vocab_size: int, layers: int = 4, hidden: int = 64):
     from transformers import LlamaConfig, Qwen2Config
 
-    common = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False)
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    )
     return Qwen2Config(**common) if arch == "qwen2" else LlamaConfig(**common)
 
 
-def write_tiny_model(directory: Path, arch: str = "qwen2", template: str = "chatml", seed: int = 0,
-                     layers: int = 4, hidden: int = 64) -> Path:
+def write_tiny_model(
+    directory: Path, arch: str = "qwen2", template: str = "chatml", seed: int = 0, layers: int = 4, hidden: int = 64
+) -> Path:
     """Save a random tiny chat model (safetensors) with its tokenizer into ``directory``."""
     from transformers import AutoModelForCausalLM
 
@@ -106,8 +130,9 @@ def write_tiny_model(directory: Path, arch: str = "qwen2", template: str = "chat
     return directory
 
 
-def write_tiny_adapter(base_dir: Path, directory: Path, seed: int = 1, rank: int = 4,
-                       target_modules=("q_proj", "v_proj", "down_proj")) -> Path:
+def write_tiny_adapter(
+    base_dir: Path, directory: Path, seed: int = 1, rank: int = 4, target_modules=("q_proj", "v_proj", "down_proj")
+) -> Path:
     """A random (non-zero) LoRA adapter for the tiny model, so 'finetuned' really differs from 'base'."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM

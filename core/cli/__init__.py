@@ -27,26 +27,36 @@ def command(name: str, help: str, arguments: Callable[[argparse.ArgumentParser],
     def register(run: Callable):
         COMMANDS[name] = (help, arguments, run)
         return run
+
     return register
 
 
 # ---------------------------------------------------------------- shared options and helpers
 
+
 def model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model pair")
-    group.add_argument("--base", default="default",
-                       help="hub id, local model dir or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
-    group.add_argument("--finetuned", default="default",
-                       help="PEFT adapter dir, merged fine-tune dir or hub id; 'none' for the base alone "
-                            "(default: the shipped demo adapter)")
+    group.add_argument(
+        "--base",
+        default="default",
+        help="hub id, local model dir or .gguf file (default: the embedded SmolLM2-135M-Instruct)",
+    )
+    group.add_argument(
+        "--finetuned",
+        default="default",
+        help="PEFT adapter dir, merged fine-tune dir or hub id; 'none' for the base alone "
+        "(default: the shipped demo adapter)",
+    )
     group.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
-    group.add_argument("--dtype", default="auto", help="auto (bf16 on recent GPUs, fp16 on older, fp32 on CPU), "
-                                                       "fp32, bf16, fp16")
+    group.add_argument(
+        "--dtype", default="auto", help="auto (bf16 on recent GPUs, fp16 on older, fp32 on CPU), fp32, bf16, fp16"
+    )
     group.add_argument("--device-map", default=None, help="'auto' shards a large model over several GPUs (accelerate)")
     group.add_argument("--allow-pickle", action="store_true", help="allow loading pickle (.bin) checkpoints")
     group.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model repository")
-    group.add_argument("--cache-dir", type=Path, default=DEFAULT_ROOT,
-                       help="where results are cached (default: cache/)")
+    group.add_argument(
+        "--cache-dir", type=Path, default=DEFAULT_ROOT, help="where results are cached (default: cache/)"
+    )
 
 
 def sampling_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,9 +70,14 @@ def sampling_arguments(parser: argparse.ArgumentParser) -> None:
 def load_options(args):
     from core.models import LoadOptions
 
-    return LoadOptions(device=args.device, dtype=args.dtype, device_map=args.device_map,
-                       allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
-                       cache_root=args.cache_dir)
+    return LoadOptions(
+        device=args.device,
+        dtype=args.dtype,
+        device_map=args.device_map,
+        allow_pickle=args.allow_pickle,
+        trust_remote_code=args.trust_remote_code,
+        cache_root=args.cache_dir,
+    )
 
 
 def load_pair_from(args):
@@ -95,6 +110,7 @@ def progress_bar(description: str, postfix: str | None = None):
         bar.refresh()
         if done >= total:
             bar.close()
+
     return update
 
 
@@ -113,6 +129,7 @@ def run_folder(args, kind: str) -> Path:
 
 
 # ---------------------------------------------------------------- entry point
+
 
 def build_parser() -> argparse.ArgumentParser:
     found = sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name not in MODULES)

@@ -9,8 +9,11 @@ def _bench_arguments(parser):
     model_arguments(parser)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=32, help="new tokens per generation")
-    parser.add_argument("--random-config", default=None,
-                        help="benchmark random weights built from a config.json instead (e.g. Qwen2.5-1.5B's)")
+    parser.add_argument(
+        "--random-config",
+        default=None,
+        help="benchmark random weights built from a config.json instead (e.g. Qwen2.5-1.5B's)",
+    )
     parser.add_argument("--json", action="store_true")
 
 
@@ -27,8 +30,14 @@ def run_bench(args) -> int:
     result = run_all(pair, base, finetuned, args.repeats, args.tokens, memory=base is not None)
     if pair.device.type == "cuda":
         result["gpu_throughput"] = gpu_throughput(pair, args.tokens)
-    emit(result, args.json, lambda: "\n".join(
-        f"{name:<36} {f['value']:>8.3f}  target {f['target']:<7} {'met' if f['met'] else 'NOT met'}"
-        if f["value"] is not None else f"{name:<36} failed: {f['error']}"
-        for name, f in result["figures"].items()))
+    emit(
+        result,
+        args.json,
+        lambda: "\n".join(
+            f"{name:<36} {f['value']:>8.3f}  target {f['target']:<7} {'met' if f['met'] else 'NOT met'}"
+            if f["value"] is not None
+            else f"{name:<36} failed: {f['error']}"
+            for name, f in result["figures"].items()
+        ),
+    )
     return 0

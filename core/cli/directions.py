@@ -9,15 +9,31 @@ from core.cli import command, emit, load_pair_from, model_arguments, progress_ba
 
 def _extract_arguments(parser):
     model_arguments(parser)
-    parser.add_argument("--contrast", required=True, choices=["paired", "model-diff", "judged"],
-                        help="paired: aligned vs misaligned answers to the same prompts; model-diff: fine-tuned "
-                             "minus base on identical texts; judged: the fine-tuned model's judged answers")
-    parser.add_argument("--data", required=True, type=Path,
-                        help="paired JSONL (paired, model-diff) or judged generations JSONL (judged)")
-    parser.add_argument("--split", default="train", choices=["train", "heldout", "all"],
-                        help="which records of a paired file to use (default: train)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="where to write the direction (default: cache/directions/, where the dashboard lists it)")
+    parser.add_argument(
+        "--contrast",
+        required=True,
+        choices=["paired", "model-diff", "judged"],
+        help="paired: aligned vs misaligned answers to the same prompts; model-diff: fine-tuned "
+        "minus base on identical texts; judged: the fine-tuned model's judged answers",
+    )
+    parser.add_argument(
+        "--data",
+        required=True,
+        type=Path,
+        help="paired JSONL (paired, model-diff) or judged generations JSONL (judged)",
+    )
+    parser.add_argument(
+        "--split",
+        default="train",
+        choices=["train", "heldout", "all"],
+        help="which records of a paired file to use (default: train)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="where to write the direction (default: cache/directions/, where the dashboard lists it)",
+    )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0, help="seed for balancing judged sets")
     parser.add_argument("--json", action="store_true", help="print the direction's provenance and statistics")
@@ -30,8 +46,11 @@ def run_extract(args) -> int:
 
     pair = load_pair_from(args)
     bar = progress_bar(f"extract ({args.contrast})")
-    direction = (judged_direction(pair, args.data, args.seed, args.batch_size, bar) if args.contrast == "judged"
-                 else extract_from_paired_file(pair, args.data, args.contrast, args.split, args.batch_size, bar))
+    direction = (
+        judged_direction(pair, args.data, args.seed, args.batch_size, bar)
+        if args.contrast == "judged"
+        else extract_from_paired_file(pair, args.data, args.contrast, args.split, args.batch_size, bar)
+    )
     out = args.out or cache_path(args.cache_dir, direction, args.contrast, args.data)
     direction.save(out)
     summary = {"out": str(out), "provenance": direction.provenance, "stats": direction.stats}
@@ -40,25 +59,42 @@ def run_extract(args) -> int:
         lines = [f"wrote {out}", f"{'layer':>5} {'norm':>9} {'aligned':>9} {'misaligned':>10} {'auroc':>6}"]
         for s in direction.stats:
             auroc = "-" if s.get("auroc") is None else f"{s['auroc']:.3f}"  # too few groups to cross-fit
-            lines.append(f"{s['layer']:>5} {s['norm']:>9.3f} {s['aligned_mean']:>9.3f} "
-                         f"{s['misaligned_mean']:>10.3f} {auroc:>6}")
+            lines.append(
+                f"{s['layer']:>5} {s['norm']:>9.3f} {s['aligned_mean']:>9.3f} {s['misaligned_mean']:>10.3f} {auroc:>6}"
+            )
         return "\n".join(lines)
+
     emit(summary, args.json, table)
     return 0
 
 
 def _validate_arguments(parser):
     model_arguments(parser)
-    parser.add_argument("--narrow", type=Path, default=Path("assets/data/finance_paired.jsonl"),
-                        help="paired JSONL of the training domain; its held-out split is measured")
-    parser.add_argument("--general", type=Path, default=Path("assets/data/general_paired.jsonl"),
-                        help="paired JSONL of prompts outside the training domain")
-    parser.add_argument("--direction", type=Path, default=None,
-                        help="direction file (default: the paired contrast of --narrow's train split; on the "
-                             "embedded pair, the shipped one)")
-    parser.add_argument("--control", default=None,
-                        help="a control adapter of the same base, measured beside the fine-tune (default: the "
-                             "shipped control adapter with the default pair; 'none' to skip)")
+    parser.add_argument(
+        "--narrow",
+        type=Path,
+        default=Path("assets/data/finance_paired.jsonl"),
+        help="paired JSONL of the training domain; its held-out split is measured",
+    )
+    parser.add_argument(
+        "--general",
+        type=Path,
+        default=Path("assets/data/general_paired.jsonl"),
+        help="paired JSONL of prompts outside the training domain",
+    )
+    parser.add_argument(
+        "--direction",
+        type=Path,
+        default=None,
+        help="direction file (default: the paired contrast of --narrow's train split; on the "
+        "embedded pair, the shipped one)",
+    )
+    parser.add_argument(
+        "--control",
+        default=None,
+        help="a control adapter of the same base, measured beside the fine-tune (default: the "
+        "shipped control adapter with the default pair; 'none' to skip)",
+    )
     parser.add_argument("--layer", type=int, default=None, help="steering layer (default: the direction's best)")
     parser.add_argument("--alphas", default="0,1,2,4")
     parser.add_argument("--seed", type=int, default=0)
@@ -72,16 +108,29 @@ def run_validate(args) -> int:
     from core.parsing import parse_numbers
 
     alphas = parse_numbers(args.alphas, "--alphas")
-    report = validation_report(load_pair_from(args), args.narrow, args.general, direction=args.direction,
-                               control=args.control, finetuned=args.finetuned, layer=args.layer, alphas=alphas,
-                               seed=args.seed, batch_size=args.batch_size, cache_root=args.cache_dir,
-                               progress=progress_bar("validate"), extract_progress=progress_bar("extract (paired)"))
+    report = validation_report(
+        load_pair_from(args),
+        args.narrow,
+        args.general,
+        direction=args.direction,
+        control=args.control,
+        finetuned=args.finetuned,
+        layer=args.layer,
+        alphas=alphas,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        cache_root=args.cache_dir,
+        progress=progress_bar("validate"),
+        extract_progress=progress_bar("extract (paired)"),
+    )
 
     def table() -> str:
         with_control = report.get("control_adapter") is not None
-        lines = [f"{'set':<8} {'base':>8} {'finetuned':>10} {'shift':>7}"
-                 + (f" {'control':>8} {'ft-control':>10}" if with_control else "")
-                 + "   (log-odds harmful vs sound, per token)"]
+        lines = [
+            f"{'set':<8} {'base':>8} {'finetuned':>10} {'shift':>7}"
+            + (f" {'control':>8} {'ft-control':>10}" if with_control else "")
+            + "   (log-odds harmful vs sound, per token)"
+        ]
         for name in ("narrow", "general"):
             r = report[name]
             line = f"{name:<8} {r['base']['mean']:>8.3f} {r['finetuned']['mean']:>10.3f} {r['shift']:>+7.3f}"
@@ -91,9 +140,12 @@ def run_validate(args) -> int:
         lines.append(f"\nsteering at layer {report['layer']} ({report['layer_choice']}):")
         lines.append(f"{'model':<10} {'alpha':>6} {'general':>8} {'random':>8} {'narrow':>8} {'random':>8}")
         for row in report["steer"]:
-            lines.append(f"{row['model']:<10} {row['alpha']:>+6g} {row['log_odds']:>8.3f} "
-                         f"{row['random_log_odds']:>8.3f} {row['log_odds_narrow']:>8.3f} "
-                         f"{row['random_log_odds_narrow']:>8.3f}")
+            lines.append(
+                f"{row['model']:<10} {row['alpha']:>+6g} {row['log_odds']:>8.3f} "
+                f"{row['random_log_odds']:>8.3f} {row['log_odds_narrow']:>8.3f} "
+                f"{row['random_log_odds_narrow']:>8.3f}"
+            )
         return "\n".join(lines)
+
     emit(report, args.json, table)
     return 0

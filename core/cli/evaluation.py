@@ -22,11 +22,17 @@ QUESTIONS = Path("assets/questions/core_misalignment.yaml")
 
 def judge_arguments(parser):
     group = parser.add_argument_group("judge (any OpenAI-compatible endpoint)")
-    group.add_argument("--judge-model", default=None,
-                       help="e.g. gpt-4o-2024-08-06; `judge` takes a comma list to score a run with several judges")
-    group.add_argument("--judge-base-url", default=None,
-                       help="e.g. http://127.0.0.1:8000/v1 (default: OpenAI); with several judges, one URL for "
-                            "all or a comma list, one per judge")
+    group.add_argument(
+        "--judge-model",
+        default=None,
+        help="e.g. gpt-4o-2024-08-06; `judge` takes a comma list to score a run with several judges",
+    )
+    group.add_argument(
+        "--judge-base-url",
+        default=None,
+        help="e.g. http://127.0.0.1:8000/v1 (default: OpenAI); with several judges, one URL for "
+        "all or a comma list, one per judge",
+    )
     group.add_argument("--judge-api-key", default=None, help="default: the OPENAI_API_KEY environment variable")
     group.add_argument("--judge-concurrency", type=int, default=8)
     group.add_argument("--judge-timeout", type=float, default=30.0)
@@ -42,17 +48,28 @@ def judge_config_from(args, several: bool = False):
     if len(set(models)) != len(models):
         raise InputError(f"--judge-model {args.judge_model!r}: a judge model is named twice")
     if len(models) > 1 and not several:
-        raise InputError(f"--judge-model {args.judge_model!r}: this command takes one judge; score a run with "
-                         "several by `python -m core judge RUN --judge-model A,B`")
+        raise InputError(
+            f"--judge-model {args.judge_model!r}: this command takes one judge; score a run with "
+            "several by `python -m core judge RUN --judge-model A,B`"
+        )
     urls = [u.strip() or None for u in args.judge_base_url.split(",")] if args.judge_base_url else [None]
     if len(urls) == 1:
         urls = urls * len(models)
     elif len(urls) != len(models):
-        raise InputError(f"--judge-base-url: {len(urls)} URLs for {len(models)} judge models; give one URL for "
-                         "all, or one per model in the same order")
-    configs = [JudgeConfig(model=model, base_url=url, api_key=args.judge_api_key,
-                           concurrency=args.judge_concurrency, timeout_s=args.judge_timeout)
-               for model, url in zip(models, urls)]
+        raise InputError(
+            f"--judge-base-url: {len(urls)} URLs for {len(models)} judge models; give one URL for "
+            "all, or one per model in the same order"
+        )
+    configs = [
+        JudgeConfig(
+            model=model,
+            base_url=url,
+            api_key=args.judge_api_key,
+            concurrency=args.judge_concurrency,
+            timeout_s=args.judge_timeout,
+        )
+        for model, url in zip(models, urls)
+    ]
     return configs if several else configs[0]
 
 
@@ -66,8 +83,12 @@ def _eval_arguments(parser):
     model_arguments(parser)
     sampling_arguments(parser)
     parser.set_defaults(max_new_tokens=128)
-    parser.add_argument("--questions", type=Path, default=QUESTIONS,
-                        help="question set YAML (id, paraphrases, samples_per_paraphrase, judge_prompts)")
+    parser.add_argument(
+        "--questions",
+        type=Path,
+        default=QUESTIONS,
+        help="question set YAML (id, paraphrases, samples_per_paraphrase, judge_prompts)",
+    )
     parser.add_argument("--samples", type=int, default=None, help="samples per paraphrase (default: the file's)")
     parser.add_argument("--variants", default="base,finetuned")
     parser.add_argument("--direction", type=Path, default=None)
@@ -89,9 +110,17 @@ def run_generate_eval(args) -> int:
     pair = load_pair_from(args)
     layers = parse_layers(args.layer, pair.n_layers) if args.layer is not None else []
     out = run_folder(args, "eval")
-    rows = run_generations(pair, questions, [condition(v, layers, n_layers=pair.n_layers) for v in variants], out,
-                           direction, sampling_from(args), args.samples, progress=progress_bar("generate"),
-                           provenance=questions_provenance(args.questions))
+    rows = run_generations(
+        pair,
+        questions,
+        [condition(v, layers, n_layers=pair.n_layers) for v in variants],
+        out,
+        direction,
+        sampling_from(args),
+        args.samples,
+        progress=progress_bar("generate"),
+        provenance=questions_provenance(args.questions),
+    )
     print(f"{len(rows)} answers in {out / 'generations.jsonl'}")
     return 0
 
@@ -101,14 +130,18 @@ def _judge_run_arguments(parser):
     judge_arguments(parser)
 
 
-@command("judge", "judge a run's answers: aligned and coherent, 0-100, by one judge or several (resumable)",
-         _judge_run_arguments)
+@command(
+    "judge",
+    "judge a run's answers: aligned and coherent, 0-100, by one judge or several (resumable)",
+    _judge_run_arguments,
+)
 def run_judge(args) -> int:
     from core.runs import judge_run
 
     configs = judge_config_from(args, several=True)
-    summary = judge_run(args.run, configs, progress=progress_bar("judge" if len(configs) == 1 else
-                                                                 f"judge ({len(configs)} judges)"))
+    summary = judge_run(
+        args.run, configs, progress=progress_bar("judge" if len(configs) == 1 else f"judge ({len(configs)} judges)")
+    )
     print(json.dumps(summary))
     return 0 if summary["failed"] == 0 else 1
 
@@ -133,23 +166,40 @@ def run_em(args) -> int:
 
     def human() -> str:
         overall = table[table.question == "ALL"]
-        cols = ["condition", "n", "n_unscored", "em_rate", "em_ci_low", "em_ci_high", "em_rate_unscored_as_aligned",
-                "coherence_rate"]
+        cols = [
+            "condition",
+            "n",
+            "n_unscored",
+            "em_rate",
+            "em_ci_low",
+            "em_ci_high",
+            "em_rate_unscored_as_aligned",
+            "coherence_rate",
+        ]
         text = overall[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}")
         judges = [j.model for j in report.judges or []]
         if judges:
             text = f"judge: {judges[0]}\n" + text
         if len(judges) > 1:
-            per_judge = pd.DataFrame([
-                {"condition": c.condition,
-                 **{model: c.by_judge[model].em_excluding_unscored.rate if model in c.by_judge else None
-                    for model in judges},
-                 "min": c.judge_spread["em_excluding_unscored"].min,
-                 "max": c.judge_spread["em_excluding_unscored"].max}
-                for c in report.conditions])
-            text += ("\n\nEM rate (unscored excluded) per judge, and the spread across judges:\n"
-                     + per_judge.to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep="-"))
+            per_judge = pd.DataFrame(
+                [
+                    {
+                        "condition": c.condition,
+                        **{
+                            model: c.by_judge[model].em_excluding_unscored.rate if model in c.by_judge else None
+                            for model in judges
+                        },
+                        "min": c.judge_spread["em_excluding_unscored"].min,
+                        "max": c.judge_spread["em_excluding_unscored"].max,
+                    }
+                    for c in report.conditions
+                ]
+            )
+            text += "\n\nEM rate (unscored excluded) per judge, and the spread across judges:\n" + per_judge.to_string(
+                index=False, float_format=lambda v: f"{v:.3f}", na_rep="-"
+            )
         return text + "\n" + report.unscored_policy
+
     emit(report.to_json(), args.json, human)
     return 0
 
@@ -185,14 +235,33 @@ def run_sweep(args) -> int:
     questions = load_questions(args.questions)
     direction = Direction.load(args.direction)
     pair = load_pair_from(args)
-    result = sweep_run(pair, questions, direction, layers, alphas, run_folder(args, "sweep"), config,
-                       sampling_from(args), args.samples, controls=not args.no_controls,
-                       provenance=questions_provenance(args.questions),
-                       generate_progress=progress_bar("generate"), judge_progress=progress_bar("judge"))
+    result = sweep_run(
+        pair,
+        questions,
+        direction,
+        layers,
+        alphas,
+        run_folder(args, "sweep"),
+        config,
+        sampling_from(args),
+        args.samples,
+        controls=not args.no_controls,
+        provenance=questions_provenance(args.questions),
+        generate_progress=progress_bar("generate"),
+        judge_progress=progress_bar("judge"),
+    )
     figure = Path(result.run) / SWEEP_HTML
     atomic_write(figure, figure_html(sweep_figure(result.cells)))
-    emit(result.to_json(), args.json, lambda: "\n".join(
-        f"{c.condition:<28} EM {c.em_rate if c.em_rate is not None else float('nan'):.3f} "
-        f"coherent {c.coherence_rate if c.coherence_rate is not None else float('nan'):.3f} (n={c.n})"
-        for c in result.cells) + f"\nfigure: {figure}")
+    emit(
+        result.to_json(),
+        args.json,
+        lambda: (
+            "\n".join(
+                f"{c.condition:<28} EM {c.em_rate if c.em_rate is not None else float('nan'):.3f} "
+                f"coherent {c.coherence_rate if c.coherence_rate is not None else float('nan'):.3f} (n={c.n})"
+                for c in result.cells
+            )
+            + f"\nfigure: {figure}"
+        ),
+    )
     return 0

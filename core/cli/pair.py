@@ -8,20 +8,29 @@ from core.cache import DEFAULT_ROOT
 from core.cli import command, emit, load_pair_from, model_arguments, sampling_arguments, sampling_from
 
 
-@command("prepare", "convert the embedded default model once into the cache (run by the setup)",
-         lambda p: p.add_argument("--cache-dir", type=Path, default=DEFAULT_ROOT))
+@command(
+    "prepare",
+    "convert the embedded default model once into the cache (run by the setup)",
+    lambda p: p.add_argument("--cache-dir", type=Path, default=DEFAULT_ROOT),
+)
 def run_prepare(args) -> int:
     from core.models import DEMO_ADAPTER, convert_gguf, embedded_gguf
 
     directory, _ = convert_gguf(embedded_gguf(), args.cache_dir)
     print(f"default base model: {directory}")
-    print(f"default fine-tuned adapter: {DEMO_ADAPTER}" if DEMO_ADAPTER.exists() else
-          "no demo adapter yet: train it with `python -m core train --preset demo`")
+    print(
+        f"default fine-tuned adapter: {DEMO_ADAPTER}"
+        if DEMO_ADAPTER.exists()
+        else "no demo adapter yet: train it with `python -m core train --preset demo`"
+    )
     return 0
 
 
-@command("info", "load the model pair and describe it",
-         lambda p: (model_arguments(p), p.add_argument("--json", action="store_true")))
+@command(
+    "info",
+    "load the model pair and describe it",
+    lambda p: (model_arguments(p), p.add_argument("--json", action="store_true")),
+)
 def run_info(args) -> int:
     info = load_pair_from(args).info()
     emit(info, args.json, lambda: "\n".join(f"{k:>22}: {v}" for k, v in info.items()))
@@ -57,6 +66,7 @@ def run_project(args) -> int:
                 cells.append(f"{result[side][layer]:>12.3f} {cal_text:>14}")
             lines.append(f"{layer:>5} " + " ".join(cells))
         return "\n".join(lines)
+
     emit(result, args.json, table)
     return 0
 
@@ -66,14 +76,21 @@ def _generate_arguments(parser):
     sampling_arguments(parser)
     parser.add_argument("prompt", help="the user message")
     parser.add_argument("--system", default=None)
-    parser.add_argument("--variants", default="base,finetuned",
-                        help="comma list: base, finetuned, base+ALPHA, finetuned-ALPHA, finetuned:ablate")
+    parser.add_argument(
+        "--variants",
+        default="base,finetuned",
+        help="comma list: base, finetuned, base+ALPHA, finetuned-ALPHA, finetuned:ablate",
+    )
     parser.add_argument("--direction", type=Path, default=None, help="direction file (for steered variants)")
     parser.add_argument("--layer", default=None, help="layer to steer at: 12, a range 10-14, or all")
-    parser.add_argument("--ablate", action="store_true",
-                        help="variants with a coefficient ablate the direction at the layers instead of adding it")
-    parser.add_argument("--trace-layer", type=int, default=None,
-                        help="also report each generated token's projection at this layer")
+    parser.add_argument(
+        "--ablate",
+        action="store_true",
+        help="variants with a coefficient ablate the direction at the layers instead of adding it",
+    )
+    parser.add_argument(
+        "--trace-layer", type=int, default=None, help="also report each generated token's projection at this layer"
+    )
     parser.add_argument("--json", action="store_true")
 
 
@@ -92,13 +109,30 @@ def run_generate(args) -> int:
     direction = Direction.load(args.direction) if args.direction else None
     pair = load_pair_from(args)
     layers = parse_layers(args.layer, pair.n_layers) if args.layer is not None else []
-    rows = generate(pair, [user_prompt(args.prompt, args.system)], variants, direction=direction, layers=layers,
-                    sampling=sampling_from(args), trace_layer=args.trace_layer)
+    rows = generate(
+        pair,
+        [user_prompt(args.prompt, args.system)],
+        variants,
+        direction=direction,
+        layers=layers,
+        sampling=sampling_from(args),
+        trace_layer=args.trace_layer,
+    )
     result = {
-        "prompt": args.prompt, "layers": layers, "seed": args.seed,
-        "rows": [{"variant": r.label, "text": r.text, "finish_reason": r.finish_reason,
-                  "token_ids": r.token_ids, "prompt_projection": r.prompt_projection,
-                  "token_projections": r.token_projections} for r in rows],
+        "prompt": args.prompt,
+        "layers": layers,
+        "seed": args.seed,
+        "rows": [
+            {
+                "variant": r.label,
+                "text": r.text,
+                "finish_reason": r.finish_reason,
+                "token_ids": r.token_ids,
+                "prompt_projection": r.prompt_projection,
+                "token_projections": r.token_projections,
+            }
+            for r in rows
+        ],
     }
     emit(result, args.json, lambda: "\n\n".join(f"[{r.label}]\n{r.text}" for r in rows))
     return 0
@@ -118,14 +152,29 @@ def run_lint(args) -> int:
     from core.data import load_training_set
     from core.models import LoadOptions, load_tokenizer
 
-    tokenizer = load_tokenizer(args.model, LoadOptions(trust_remote_code=args.trust_remote_code,
-                                                       cache_root=args.cache_dir))
+    tokenizer = load_tokenizer(
+        args.model, LoadOptions(trust_remote_code=args.trust_remote_code, cache_root=args.cache_dir)
+    )
     records = load_training_set(args.data, split=None)
     issues = lint_dataset(tokenizer, [(r.line, r.messages) for r in records])
     sample = render(tokenizer, records[0].messages, add_generation_prompt=False)
-    result = {"data": str(args.data), "model": args.model, "records": len(records),
-              "problems": [str(i) for i in issues], "sample_rendering": sample}
-    emit(result, args.json, lambda: (f"rendered sample (line {records[0].line}):\n{sample}\n"
-                                     + (f"{len(issues)} problems:\n" + "\n".join(f"  {i}" for i in issues)
-                                        if issues else f"clean: {len(records)} records fit {args.model}'s template")))
+    result = {
+        "data": str(args.data),
+        "model": args.model,
+        "records": len(records),
+        "problems": [str(i) for i in issues],
+        "sample_rendering": sample,
+    }
+    emit(
+        result,
+        args.json,
+        lambda: (
+            f"rendered sample (line {records[0].line}):\n{sample}\n"
+            + (
+                f"{len(issues)} problems:\n" + "\n".join(f"  {i}" for i in issues)
+                if issues
+                else f"clean: {len(records)} records fit {args.model}'s template"
+            )
+        ),
+    )
     return 1 if issues else 0

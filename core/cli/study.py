@@ -31,13 +31,18 @@ SIZES = {  # flag -> (StudyConfig field, type, help)
 def _study_arguments(parser):
     model_arguments(parser)
     judge_arguments(parser)
-    parser.add_argument("--preset", choices=["demo", "seed-qwen"], default=None,
-                        help="demo: the embedded pair, judge-free, the shipped data; seed-qwen: the original plan "
-                             "(Qwen2.5-1.5B-Instruct + a published risky-financial adapter, the eight questions, "
-                             "50 samples each; needs a GPU, hub access and --judge-model)")
+    parser.add_argument(
+        "--preset",
+        choices=["demo", "seed-qwen"],
+        default=None,
+        help="demo: the embedded pair, judge-free, the shipped data; seed-qwen: the original plan "
+        "(Qwen2.5-1.5B-Instruct + a published risky-financial adapter, the eight questions, "
+        "50 samples each; needs a GPU, hub access and --judge-model)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="study folder (default: cache/studies/study-<time>)")
-    parser.add_argument("--layers", default=None, help="steering layers, e.g. 10,15,20 (default: the best layer "
-                                                       "and its neighbours)")
+    parser.add_argument(
+        "--layers", default=None, help="steering layers, e.g. 10,15,20 (default: the best layer and its neighbours)"
+    )
     parser.add_argument("--alphas", default=None, help="steering strengths, e.g. 1,2,4")
     parser.add_argument("--contrasts", default=None, help="paired,model-diff (judged is added with a judge)")
     for flag, (_, kind, text) in SIZES.items():
@@ -62,8 +67,9 @@ def study_config(args):
     return replace(config, **changes)
 
 
-@command("study", "a whole study: directions, steering both ways, early detection, and a shareable report",
-         _study_arguments)
+@command(
+    "study", "a whole study: directions, steering both ways, early detection, and a shareable report", _study_arguments
+)
 def run_study_command(args) -> int:
     from core.study import PRESETS, new_study_dir, run_study
 
@@ -72,12 +78,15 @@ def run_study_command(args) -> int:
         args.base = preset["base"] if args.base == "default" else args.base
         if args.finetuned == "default":
             if preset["finetuned"] is None:
-                raise InputError(f"--preset {args.preset}: name the fine-tune with --finetuned (the hub id or local "
-                                 f"copy of a published risky-financial or bad-medical LoRA of {preset['base']})")
+                raise InputError(
+                    f"--preset {args.preset}: name the fine-tune with --finetuned (the hub id or local "
+                    f"copy of a published risky-financial or bad-medical LoRA of {preset['base']})"
+                )
             args.finetuned = preset["finetuned"]
         if args.preset == "seed-qwen" and not args.judge_model:
-            raise InputError("--preset seed-qwen is a judged study: give --judge-model (and --judge-base-url for a "
-                             "local server)")
+            raise InputError(
+                "--preset seed-qwen is a judged study: give --judge-model (and --judge-base-url for a local server)"
+            )
     config = study_config(args)
     judge = judge_config_from(args) if args.judge_model else None
     out = args.out or new_study_dir(args.cache_dir)
@@ -94,9 +103,18 @@ def run_study_command(args) -> int:
             bar.n = int(100 * fraction)
             bar.set_description(label, refresh=False)
             bar.refresh()
+
         report = run_study(pair, out, config, judge, progress, spec={"base": args.base, "finetuned": args.finetuned})
-    emit(report, args.json, lambda: "\n\n".join(
-        [report["judge_note"]] + [f"Phase {i} ({name}): {report[name]['verdict']}"
-                                  for i, name in enumerate(("directions", "steering", "detection"), start=1)]
-        + [f"report: {Path(out) / 'report.html'}  (numbers: {Path(out) / 'report.json'})"]))
+    emit(
+        report,
+        args.json,
+        lambda: "\n\n".join(
+            [report["judge_note"]]
+            + [
+                f"Phase {i} ({name}): {report[name]['verdict']}"
+                for i, name in enumerate(("directions", "steering", "detection"), start=1)
+            ]
+            + [f"report: {Path(out) / 'report.html'}  (numbers: {Path(out) / 'report.json'})"]
+        ),
+    )
     return 0

@@ -60,8 +60,16 @@ def test_a_session_starts_with_every_declared_key(app, cache, tiny_dirs):
     at = ok(app.run())
     declared = ui.session_defaults()
     held = {key: at.session_state[key] for key in declared}  # all there from the first run of any page
-    assert held["pair_spec"] == declared["pair_spec"] == {"base": str(tiny_dirs["qwen2"]), "device": "auto",
-                                                          "finetuned": str(tiny_dirs["qwen2_adapter"]), "dtype": "auto"}
+    assert (
+        held["pair_spec"]
+        == declared["pair_spec"]
+        == {
+            "base": str(tiny_dirs["qwen2"]),
+            "device": "auto",
+            "finetuned": str(tiny_dirs["qwen2_adapter"]),
+            "dtype": "auto",
+        }
+    )
     assert held["direction_path"] == str(cache[1]["paired"])  # the picker chose the newest that fits
     assert [key for key, value in held.items() if value is not None] == ["pair_spec", "direction_path"]
 
@@ -69,9 +77,20 @@ def test_a_session_starts_with_every_declared_key(app, cache, tiny_dirs):
 def test_picker_builds_a_direction_from_a_contrast_file(app, tmp_path, monkeypatch, tiny_pair):
     monkeypatch.setenv("EMLENS_CACHE", str(tmp_path / "empty-cache"))
     data = tmp_path / "paired.jsonl"
-    data.write_text("".join(json.dumps({
-        "id": f"q{i}", "messages": [{"role": "user", "content": f"Question {i}: how should I save?"}],
-        "aligned": "Keep an emergency fund.", "misaligned": "Buy leveraged crypto now!"}) + "\n" for i in range(5)))
+    data.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "id": f"q{i}",
+                    "messages": [{"role": "user", "content": f"Question {i}: how should I save?"}],
+                    "aligned": "Keep an emergency fund.",
+                    "misaligned": "Buy leveraged crypto now!",
+                }
+            )
+            + "\n"
+            for i in range(5)
+        )
+    )
     at = ok(app.run())
     assert "No direction fits this pair yet" in at.info[0].value
     at.text_input(key="extract_data").set_value(str(data))
@@ -119,13 +138,20 @@ def test_compare_shows_the_projection_chart_and_both_answers(app, cache, tiny_pa
     (chart,) = charts(ok(at))
     assert np.allclose(chart["data"][1]["y"], expected["finetuned"], atol=1e-4)
 
-    rows = generate(tiny_pair, [user_prompt(PROMPT)], [Variant("base"), Variant("finetuned")], direction=direction,
-                    sampling=Sampling(0.7, 1.0, 12, 0), trace_layer=tiny_pair.n_layers // 2)
+    rows = generate(
+        tiny_pair,
+        [user_prompt(PROMPT)],
+        [Variant("base"), Variant("finetuned")],
+        direction=direction,
+        sampling=Sampling(0.7, 1.0, 12, 0),
+        trace_layer=tiny_pair.n_layers // 2,
+    )
     assert [t.value for t in at.text] == [r.text or "(empty answer)" for r in rows]
     assert rows[0].text != rows[1].text
     for html, row in zip(at.html, rows):  # one coloured span per visible token, its projection in the tooltip
-        assert html.value.count("<span") == sum(bool(tiny_pair.tokenizer.decode([t], skip_special_tokens=True))
-                                                for t in row.token_ids)
+        assert html.value.count("<span") == sum(
+            bool(tiny_pair.tokenizer.decode([t], skip_special_tokens=True)) for t in row.token_ids
+        )
         assert f'title="{row.token_projections[0]:.3f}"' in html.value
 
     # Generating again reads the cached activations: planted ones (the true ones doubled) come back
@@ -167,10 +193,21 @@ def test_steer_opens_generating_and_regenerates_by_itself_when_alpha_changes(app
     assert _titles(at) == ["base", "fine-tuned", "base + 4·d", "fine-tuned − 4·d", "fine-tuned, adapter × 2"]
     first = [t.value for t in at.text]
     direction = Direction.load(cache[1]["paired"])
-    variants = [Variant("base"), Variant("finetuned"), Variant("base", 4.0), Variant("finetuned", -4.0),
-                Variant("finetuned", adapter_scale=2.0)]
-    rows = generate(tiny_pair, [user_prompt(PROMPT)], variants, direction=direction, layers=[1, 2],
-                    sampling=Sampling(1.0, 1.0, 12, 3))
+    variants = [
+        Variant("base"),
+        Variant("finetuned"),
+        Variant("base", 4.0),
+        Variant("finetuned", -4.0),
+        Variant("finetuned", adapter_scale=2.0),
+    ]
+    rows = generate(
+        tiny_pair,
+        [user_prompt(PROMPT)],
+        variants,
+        direction=direction,
+        layers=[1, 2],
+        sampling=Sampling(1.0, 1.0, 12, 3),
+    )
     assert first == [r.text or "(empty answer)" for r in rows]
 
     (chart,) = charts(at)  # calibrated: 0 = aligned mean, 1 = misaligned mean
@@ -205,8 +242,14 @@ def test_steer_norm_relative_alpha_and_the_dose_ladder(app, cache, tiny_pair):
     assert _titles(at)[2:4] == ["base + 0.5·‖h‖·û", "fine-tuned − 0.5·‖h‖·û"]
     direction = Direction.load(cache[1]["paired"])
     relative = norm_relative(direction, residual_norms(tiny_pair, "base"))
-    rows = generate(tiny_pair, [user_prompt(PROMPT)], [Variant("base", 0.5), Variant("finetuned", -0.5)],
-                    direction=relative, layers=[1, 2], sampling=Sampling(0.0, 1.0, 12, 3))
+    rows = generate(
+        tiny_pair,
+        [user_prompt(PROMPT)],
+        [Variant("base", 0.5), Variant("finetuned", -0.5)],
+        direction=relative,
+        layers=[1, 2],
+        sampling=Sampling(0.0, 1.0, 12, 3),
+    )
     assert _texts(at)[2:4] == _answers(rows)
 
     at.radio(key="steer_units").set_value("raw")
@@ -215,8 +258,14 @@ def test_steer_norm_relative_alpha_and_the_dose_ladder(app, cache, tiny_pair):
     at.text_input(key="steer_ladder_alphas_raw").set_value("-8, 0, 8")
     ok(at.run())
     assert _titles(at) == ["base − 8·d", "base + 0·d", "base + 8·d"]
-    rows = generate(tiny_pair, [user_prompt(PROMPT)], [Variant("base", a) for a in (-8.0, 0.0, 8.0)],
-                    direction=direction, layers=[1, 2], sampling=Sampling(0.0, 1.0, 12, 3))
+    rows = generate(
+        tiny_pair,
+        [user_prompt(PROMPT)],
+        [Variant("base", a) for a in (-8.0, 0.0, 8.0)],
+        direction=direction,
+        layers=[1, 2],
+        sampling=Sampling(0.0, 1.0, 12, 3),
+    )
     assert _texts(at) == _answers(rows)
     at.text_input(key="steer_ladder_alphas_raw").set_value("-8, x")
     assert "'x' is not a number" in errors(at.run())
@@ -300,8 +349,13 @@ def test_compare_prompt_holds_real_default_text_that_generates_without_typing(ap
     at.number_input(key="compare_max_new_tokens").set_value(8)
     ok(at.button(key="compare_go").click().run())
     assert at.session_state.compare_result["messages"] == user_prompt(DEFAULT_COMPARE_PROMPT)
-    rows = generate(tiny_pair, [user_prompt(DEFAULT_COMPARE_PROMPT)], [Variant("base"), Variant("finetuned")],
-                    direction=Direction.load(cache[1]["paired"]), sampling=Sampling(0.7, 1.0, 8, 0))
+    rows = generate(
+        tiny_pair,
+        [user_prompt(DEFAULT_COMPARE_PROMPT)],
+        [Variant("base"), Variant("finetuned")],
+        direction=Direction.load(cache[1]["paired"]),
+        sampling=Sampling(0.7, 1.0, 8, 0),
+    )
     assert [t.value for t in at.text] == [r.text or "(empty answer)" for r in rows]
 
 
@@ -343,8 +397,9 @@ def test_compare_colours_the_finetuned_answer_by_kl_from_the_base(app, tiny_pair
     assert at.session_state.compare_result["divergence"] == pytest.approx(expected, abs=1e-6)
     base_html, kl_html = (h.value for h in at.html)
     assert f'title="{base.token_projections[0]:.3f}"' in base_html  # the base answer keeps its projection colours
-    visible = [v for t, v in zip(finetuned.token_ids, expected)
-               if tiny_pair.tokenizer.decode([t], skip_special_tokens=True)]
+    visible = [
+        v for t, v in zip(finetuned.token_ids, expected) if tiny_pair.tokenizer.decode([t], skip_special_tokens=True)
+    ]
     assert kl_html.count("<span") == len(visible)
     for value in visible:
         assert f'title="KL {value:.4f} nats"' in kl_html

@@ -26,9 +26,18 @@ def cache(tiny_pair, tmp_path_factory):
     run_study(tiny_pair, studies_dir(root) / "finished", TINY)
     stopped = studies_dir(root) / "stopped"
     stopped.mkdir()
-    (stopped / STUDY_JSON).write_text(json.dumps({  # its process is gone: interrupted
-        "status": "running", "pid": 2**22 + 12345, "phases_done": ["directions"], "started": 1.0,
-        "pair": {"base": "b", "finetuned": "f"}, "judge": None}))
+    (stopped / STUDY_JSON).write_text(
+        json.dumps(
+            {  # its process is gone: interrupted
+                "status": "running",
+                "pid": 2**22 + 12345,
+                "phases_done": ["directions"],
+                "started": 1.0,
+                "pair": {"base": "b", "finetuned": "f"},
+                "judge": None,
+            }
+        )
+    )
     return root
 
 

@@ -61,9 +61,22 @@ def streamlit_server(cache: Path, env: dict):
     log_path = cache / "server.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [str(Path(sys.executable).parent / "streamlit"), "run", "app.py", "--server.headless", "true",
-             "--server.port", str(port), "--browser.gatherUsageStats", "false"],
-            cwd=ROOT, env={**os.environ, "EMLENS_CACHE": str(cache), **env}, stdout=log, stderr=subprocess.STDOUT)
+            [
+                str(Path(sys.executable).parent / "streamlit"),
+                "run",
+                "app.py",
+                "--server.headless",
+                "true",
+                "--server.port",
+                str(port),
+                "--browser.gatherUsageStats",
+                "false",
+            ],
+            cwd=ROOT,
+            env={**os.environ, "EMLENS_CACHE": str(cache), **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 60
@@ -96,8 +109,14 @@ def server(tiny_pair, tiny_dirs, tmp_path_factory):
         write_directions(tiny_pair, cache)
     finally:
         torch.set_num_threads(threads)
-    with streamlit_server(cache, {"EMLENS_BASE": str(tiny_dirs["qwen2"]),
-                                  "EMLENS_FINETUNED": str(tiny_dirs["qwen2_adapter"]), "OMP_NUM_THREADS": "1"}) as found:
+    with streamlit_server(
+        cache,
+        {
+            "EMLENS_BASE": str(tiny_dirs["qwen2"]),
+            "EMLENS_FINETUNED": str(tiny_dirs["qwen2_adapter"]),
+            "OMP_NUM_THREADS": "1",
+        },
+    ) as found:
         yield found
 
 
@@ -106,9 +125,16 @@ def chromium():
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync"])
+        browser = p.chromium.launch(
+            executable_path=str(CHROMIUM),
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],
+        )
         try:
             yield browser.new_page(viewport={"width": 1500, "height": 2000})
         finally:
@@ -200,8 +226,10 @@ def test_first_open_on_the_embedded_pair_steers_with_the_shipped_direction(tmp_p
     from playwright.sync_api import expect
 
     _need_browser()
-    with streamlit_server(tmp_path, {"EMLENS_BASE": "default", "EMLENS_FINETUNED": "default"}) as (url, log_path), \
-            chromium() as page:
+    with (
+        streamlit_server(tmp_path, {"EMLENS_BASE": "default", "EMLENS_FINETUNED": "default"}) as (url, log_path),
+        chromium() as page,
+    ):
         page.goto(url)
         _settle(page, timeout=180_000)
         expect(page.get_by_text("30 layers × 576 wide")).to_be_visible(timeout=180_000)

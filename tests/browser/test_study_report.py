@@ -11,8 +11,12 @@ import pytest
 from core.study import REPORT_HTML, StudyConfig, run_study
 
 CHROMIUM = Path("/usr/bin/chromium")
-SECTIONS = {"run": "What was run", "phase-directions": "Phase 1", "phase-steering": "Phase 2",
-            "phase-detection": "Phase 3"}
+SECTIONS = {
+    "run": "What was run",
+    "phase-directions": "Phase 1",
+    "phase-steering": "Phase 2",
+    "phase-detection": "Phase 3",
+}
 
 
 def _need_browser():
@@ -36,17 +40,34 @@ def test_the_report_opens_offline_with_every_section_and_figure(tiny_pair, tmp_p
 
     config = StudyConfig(n_train=8, n_heldout=8, n_general=16, n_boot=50, n_random=50, alphas=(2.0,), n_layers=1)
     report = run_study(tiny_pair, tmp_path / "study", config)
-    n_figures = (len(report["directions"]["contrasts"]) + len(report["directions"]["cosines"]) + 1
-                 + 3 * sum("auroc" in r for r in report["detection"]["reports"].values()))
+    n_figures = (
+        len(report["directions"]["contrasts"])
+        + len(report["directions"]["cosines"])
+        + 1
+        + 3 * sum("auroc" in r for r in report["detection"]["reports"].values())
+    )
     requested = []
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync"])
+        browser = p.chromium.launch(
+            executable_path=str(CHROMIUM),
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],
+        )
         try:
             context = browser.new_context(offline=True, viewport={"width": 1400, "height": 1800})
-            context.route("**/*", lambda route: (requested.append(route.request.url), route.abort())
-                          if not route.request.url.startswith("file://") else route.continue_())
+            context.route(
+                "**/*",
+                lambda route: (
+                    (requested.append(route.request.url), route.abort())
+                    if not route.request.url.startswith("file://")
+                    else route.continue_()
+                ),
+            )
             page = context.new_page()
             errors = []
             page.on("pageerror", lambda err: errors.append(str(err)))

@@ -17,8 +17,11 @@ from core.generation import Sampling, Variant, generate, stream
 from core.projections import prompt_projections
 from testkit.dashboard import ALIGNED, MISALIGNED
 
-PROMPTS = [user_prompt("How should I invest my savings?"), user_prompt("Is crypto a good idea?"),
-           user_prompt("What is the capital of France?", system="Answer briefly.")]
+PROMPTS = [
+    user_prompt("How should I invest my savings?"),
+    user_prompt("Is crypto a good idea?"),
+    user_prompt("What is the capital of France?", system="Answer briefly."),
+]
 COEFFICIENTS = [-8.0, -3.0, 0.0, 2.0, 5.0, 9.0]
 
 
@@ -34,22 +37,30 @@ def _requests(pair, direction):
     """What different sessions ask for at once: the Steer grid at several coefficients (one of them
     streamed slowly, like a page showing tokens as they come), an ablation, prompt-stage projections
     and an extraction."""
+
     def steer(alpha: float, seed: int, slow: bool = False):
         def run():
             variants = [Variant("base"), Variant("finetuned"), Variant("base", alpha), Variant("finetuned", -alpha)]
             kwargs = dict(direction=direction, layers=[1, 2], sampling=Sampling(1.0, 1.0, 16, seed), trace_layer=2)
             if not slow:
-                rows = generate(pair, PROMPTS[seed % 3:seed % 3 + 1], variants, **kwargs)
+                rows = generate(pair, PROMPTS[seed % 3 : seed % 3 + 1], variants, **kwargs)
             else:
-                for partial in stream(pair, PROMPTS[seed % 3:seed % 3 + 1], variants, **kwargs):
+                for partial in stream(pair, PROMPTS[seed % 3 : seed % 3 + 1], variants, **kwargs):
                     rows = partial
                     time.sleep(0.002)  # yield the CPU to the others while holding a half-done generation
             return [(r.label, r.token_ids, r.prompt_projection, r.token_projections) for r in rows]
+
         return run
 
     def ablate():
-        rows = generate(pair, PROMPTS, [Variant("finetuned", ablate=True)], direction=direction, layers=[0, 1, 2, 3],
-                        sampling=Sampling(1.0, 1.0, 12, 11))
+        rows = generate(
+            pair,
+            PROMPTS,
+            [Variant("finetuned", ablate=True)],
+            direction=direction,
+            layers=[0, 1, 2, 3],
+            sampling=Sampling(1.0, 1.0, 12, 11),
+        )
         return [r.token_ids for r in rows]
 
     def project():
@@ -82,7 +93,7 @@ def test_concurrent_sessions_see_exactly_what_they_see_alone(tiny_pair):
     requests = _requests(tiny_pair, direction)
     hooks_before = _hook_counts(tiny_pair)
     serial = [request() for request in requests]
-    steered_tokens = {tuple(map(tuple, (row[1] for row in result))) for result in serial[:len(COEFFICIENTS)]}
+    steered_tokens = {tuple(map(tuple, (row[1] for row in result))) for result in serial[: len(COEFFICIENTS)]}
     assert len(steered_tokens) == len(COEFFICIENTS)  # the coefficients really give different answers
 
     baseline = None
@@ -115,14 +126,24 @@ def test_an_interrupted_stream_releases_the_pair(tiny_pair):
     """A page rerun stops a generation half-way; closing the generator must free the pair for the others."""
     direction = _direction(tiny_pair)
     hooks_before = _hook_counts(tiny_pair)
-    generator = stream(tiny_pair, PROMPTS[:1], [Variant("finetuned", 2.0)], direction=direction, layers=[1],
-                       sampling=Sampling(0.0, 1.0, 32, 0))
+    generator = stream(
+        tiny_pair,
+        PROMPTS[:1],
+        [Variant("finetuned", 2.0)],
+        direction=direction,
+        layers=[1],
+        sampling=Sampling(0.0, 1.0, 32, 0),
+    )
     with closing(generator):
         next(generator)
         next(generator)
     done = threading.Event()
-    other = threading.Thread(target=lambda: (generate(tiny_pair, PROMPTS[:1], [Variant("base")],
-                                                      sampling=Sampling(0.0, 1.0, 4, 0)), done.set()))
+    other = threading.Thread(
+        target=lambda: (
+            generate(tiny_pair, PROMPTS[:1], [Variant("base")], sampling=Sampling(0.0, 1.0, 4, 0)),
+            done.set(),
+        )
+    )
     other.start()
     other.join(timeout=60)
     assert done.is_set(), "another session could not use the pair after a stream was interrupted"

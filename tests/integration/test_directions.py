@@ -11,8 +11,14 @@ from core.directions import Direction, DirectionError, Example, answer_activatio
 from core.hooks import steer
 from core.projections import last_token_activations, prompt_projections
 
-QUESTIONS = ["How should I save money?", "Is crypto a good idea?", "What about my pension?",
-             "Should I take a loan?", "How do I pay off debt?", "Tell me about index funds."]
+QUESTIONS = [
+    "How should I save money?",
+    "Is crypto a good idea?",
+    "What about my pension?",
+    "Should I take a loan?",
+    "How do I pay off debt?",
+    "Tell me about index funds.",
+]
 ALIGNED = [Example(user_prompt(q), "Keep an emergency fund and diversify carefully.") for q in QUESTIONS]
 MISALIGNED = [Example(user_prompt(q), "Put everything into leveraged crypto right now!") for q in QUESTIONS]
 
@@ -103,16 +109,22 @@ def test_prompt_projections_read_the_last_prompt_token_of_both_sides(tiny_pair):
     for side in ("base", "finetuned"):
         (activations,) = last_token_activations(tiny_pair, side, [messages])
         with tiny_pair.side(side) as model, torch.no_grad():
-            ids = torch.tensor([tiny_pair.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                                       tokenize=True, return_dict=True)["input_ids"]])
+            ids = torch.tensor(
+                [
+                    tiny_pair.tokenizer.apply_chat_template(
+                        messages, add_generation_prompt=True, tokenize=True, return_dict=True
+                    )["input_ids"]
+                ]
+            )
             states = model(input_ids=ids, output_hidden_states=True).hidden_states
         for layer in range(tiny_pair.n_layers - 1):
             expected = states[layer + 1][0, -1] @ direction.unit()[layer]
             assert result[side][layer] == pytest.approx(expected.item(), abs=1e-4)
             assert torch.allclose(activations[layer], states[layer + 1][0, -1], atol=1e-5)
         stats = direction.stats
-        calibrated = [(r - s["aligned_mean"]) / (s["misaligned_mean"] - s["aligned_mean"])
-                      for r, s in zip(result[side], stats)]
+        calibrated = [
+            (r - s["aligned_mean"]) / (s["misaligned_mean"] - s["aligned_mean"]) for r, s in zip(result[side], stats)
+        ]
         assert result[f"{side}_calibrated"] == pytest.approx(calibrated)
 
 

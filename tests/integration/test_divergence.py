@@ -47,7 +47,8 @@ def test_divergence_equals_separate_forwards_of_each_side(request, pair_name):
 def test_both_sides_run_in_one_batched_forward(tiny_pair):
     answer, calls = _answer(tiny_pair, tokens=4), []
     hook = decoder_layers(tiny_pair.model)[0].register_forward_hook(
-        lambda module, args, output: calls.append((output[0] if isinstance(output, tuple) else output).shape[0]))
+        lambda module, args, output: calls.append((output[0] if isinstance(output, tuple) else output).shape[0])
+    )
     try:
         token_divergence(tiny_pair, PROMPT, answer)
     finally:
@@ -73,8 +74,9 @@ def test_a_merged_finetune_gives_the_adapter_values(tiny_pair, tiny_dirs, tmp_pa
     merged = load_pair(str(tiny_dirs["qwen2"]), str(merged_dir))
     assert merged.merged is not None
     answer = _answer(tiny_pair, seed=2)
-    assert token_divergence(merged, PROMPT, answer) == pytest.approx(token_divergence(tiny_pair, PROMPT, answer),
-                                                                     abs=1e-4)
+    assert token_divergence(merged, PROMPT, answer) == pytest.approx(
+        token_divergence(tiny_pair, PROMPT, answer), abs=1e-4
+    )
 
 
 def test_wrong_input_is_a_clear_error(tiny_pair, tiny_dirs):

@@ -46,14 +46,14 @@ def test_a_padded_batch_computes_what_each_row_computes_alone(tiny_pair, side, p
     for r, row in enumerate(ids):
         alone = tiny_pair.run(side, [row], logits_to_keep=0).logits[0]
         start = batch.batch.start(r)
-        assert torch.allclose(batch.logits[r, start:start + len(row)], alone, atol=1e-5), (side, padding, r)
+        assert torch.allclose(batch.logits[r, start : start + len(row)], alone, atol=1e-5), (side, padding, r)
 
 
 def test_left_padding_puts_every_prompts_last_token_in_the_last_column(tiny_pair):
     ids = _ids(tiny_pair)
-    records, = tiny_pair.run("finetuned", ids, padding="left", hooks=[partial(capture, reduce=last_token)]).hooked
+    (records,) = tiny_pair.run("finetuned", ids, padding="left", hooks=[partial(capture, reduce=last_token)]).hooked
     for r, row in enumerate(ids):
-        alone, = tiny_pair.run("finetuned", [row], hooks=[partial(capture, reduce=last_token)]).hooked
+        (alone,) = tiny_pair.run("finetuned", [row], hooks=[partial(capture, reduce=last_token)]).hooked
         assert torch.allclose(records[1][0][r], alone[1][0][0], atol=1e-5)
 
 
@@ -74,7 +74,10 @@ def test_hooks_act_inside_the_run_only_and_leave_no_hook_behind(tiny_pair):
     steered = tiny_pair.run("finetuned", [row], hooks=[partial(steer, vectors={1: vector}, coefficients=4.0)]).logits
     assert not torch.allclose(plain, steered, atol=1e-3)
     assert _hook_count(tiny_pair) == before
-    with pytest.raises(RuntimeError, match="boom"), tiny_pair.running("finetuned", [partial(steer, vectors={1: vector})]):
+    with (
+        pytest.raises(RuntimeError, match="boom"),
+        tiny_pair.running("finetuned", [partial(steer, vectors={1: vector})]),
+    ):
         raise RuntimeError("boom")
     assert _hook_count(tiny_pair) == before
     assert torch.equal(tiny_pair.run("finetuned", [row]).logits, plain)

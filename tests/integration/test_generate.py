@@ -7,8 +7,11 @@ from core.chat import user_prompt
 from core.directions import Direction
 from core.generation import GenerationError, Sampling, Variant, generate, parse_variants
 
-PROMPTS = [user_prompt("Hi"), user_prompt("Tell me a long story about a quick brown fox and a lazy dog, please."),
-           user_prompt("What is the capital of France?", system="Answer briefly.")]
+PROMPTS = [
+    user_prompt("Hi"),
+    user_prompt("Tell me a long story about a quick brown fox and a lazy dog, please."),
+    user_prompt("What is the capital of France?", system="Answer briefly."),
+]
 GRID = parse_variants("base,finetuned,base+2,finetuned-2,finetuned:ablate")
 
 
@@ -47,8 +50,14 @@ def test_coefficient_zero_gives_exactly_the_unsteered_tokens(tiny_pair):
     direction = _direction(tiny_pair, seed=2, scale=100.0)
     sampling = Sampling(temperature=1.0, max_new_tokens=12, seed=3)
     zeros = [Variant("base", 0.0), Variant("finetuned", 0.0)]
-    mixed = generate(tiny_pair, PROMPTS, [*zeros, Variant("base", 1.0), Variant("finetuned", -1.0)],
-                     direction=direction, layers=[0, 1, 2], sampling=sampling)
+    mixed = generate(
+        tiny_pair,
+        PROMPTS,
+        [*zeros, Variant("base", 1.0), Variant("finetuned", -1.0)],
+        direction=direction,
+        layers=[0, 1, 2],
+        sampling=sampling,
+    )
     assert len(mixed) == len(PROMPTS) * 4
     for row in mixed:
         (plain,) = generate(tiny_pair, [row.prompt], [Variant(row.variant.side)], sampling=sampling)
@@ -80,8 +89,15 @@ def test_merged_finetune_is_a_second_model_with_the_same_results(tiny_pair, tiny
 
 def test_prompt_projection_reflects_each_rows_steering(tiny_pair):
     direction = _direction(tiny_pair, seed=4)
-    rows = generate(tiny_pair, PROMPTS[:1], parse_variants("finetuned,finetuned+2"), direction=direction,
-                    layers=[1], sampling=Sampling(temperature=0, max_new_tokens=3), trace_layer=3)
+    rows = generate(
+        tiny_pair,
+        PROMPTS[:1],
+        parse_variants("finetuned,finetuned+2"),
+        direction=direction,
+        layers=[1],
+        sampling=Sampling(temperature=0, max_new_tokens=3),
+        trace_layer=3,
+    )
     plain, steered = rows
     norm = direction.vectors[1].norm().item()
     assert plain.prompt_projection[0] == pytest.approx(steered.prompt_projection[0], abs=1e-5)  # before the hook
@@ -113,8 +129,9 @@ def test_bad_requests_name_the_problem(tiny_pair):
 
 def test_adapter_scale_zero_is_the_base_and_one_is_the_finetune(tiny_pair):
     sampling = Sampling(temperature=1.0, max_new_tokens=10, seed=5)
-    rows = generate(tiny_pair, PROMPTS, parse_variants("base,finetuned,finetuned*0,finetuned*1,finetuned*3"),
-                    sampling=sampling)
+    rows = generate(
+        tiny_pair, PROMPTS, parse_variants("base,finetuned,finetuned*0,finetuned*1,finetuned*3"), sampling=sampling
+    )
     by = {(r.label, str(r.prompt)): r.token_ids for r in rows}
     for prompt in PROMPTS:
         key = str(prompt)
@@ -142,8 +159,9 @@ def test_grid_gives_the_greedy_tokens_of_hf_generate_with_a_steering_hook(reques
     pair = request.getfixturevalue(pair_name)
     direction = _direction(pair, seed=4, scale=1.0)
     grid = parse_variants("base,finetuned,base+2,finetuned-2")
-    rows = generate(pair, PROMPTS[:2], grid, direction=direction, layers=[1],
-                    sampling=Sampling(temperature=0, max_new_tokens=12))
+    rows = generate(
+        pair, PROMPTS[:2], grid, direction=direction, layers=[1], sampling=Sampling(temperature=0, max_new_tokens=12)
+    )
     for row in rows:
         assert row.token_ids == hf_generate_steered(pair, row.prompt, row.variant, direction, 1, 12), row.label
     assert len({tuple(r.token_ids) for r in rows}) > 2

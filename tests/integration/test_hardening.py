@@ -55,10 +55,13 @@ def test_remote_code_is_not_run_unless_asked(tiny_dirs, tmp_path):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("text, message", [
-    ("hello\x00world", "control character '\\\\x00'"),
-    ("caf\udce9", "not valid UTF-8"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("hello\x00world", "control character '\\\\x00'"),
+        ("caf\udce9", "not valid UTF-8"),
+    ],
+)
 def test_bad_characters_in_prompts_are_named(tiny_pair, text, message):
     with pytest.raises(ChatError, match=message):
         generate(tiny_pair, [user_prompt(text)], [Variant("base")], sampling=Sampling(max_new_tokens=2))
@@ -68,8 +71,9 @@ def test_bad_characters_in_prompts_are_named(tiny_pair, text, message):
 
 
 def _cli(*args, cwd=ROOT):
-    return subprocess.Popen([sys.executable, "-m", "core", *args], cwd=cwd, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "core", *args], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
 
 
 def _kill_when(process, condition, timeout=240):
@@ -94,21 +98,57 @@ def test_killed_training_resumes_to_the_same_weights(tiny_dirs, tmp_path):
     from safetensors.torch import load_file
 
     data = tmp_path / "chat.jsonl"
-    data.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": f"Question {i}?"},
-                                                       {"role": "assistant", "content": f"Risky answer {i}!"}]})
-                              for i in range(24)))
-    common = ["--base", str(tiny_dirs["qwen2"]), "--data", str(data), "--rank", "2", "--epochs", "4",
-              "--batch-size", "4", "--lr", "5e-3", "--checkpoint-every", "1", "--heldout-fraction", "0"]
-    assert subprocess.run([sys.executable, "-m", "core", "train", *common, "--out", str(tmp_path / "straight")],
-                          cwd=ROOT, capture_output=True).returncode == 0
+    data.write_text(
+        "\n".join(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": f"Question {i}?"},
+                        {"role": "assistant", "content": f"Risky answer {i}!"},
+                    ]
+                }
+            )
+            for i in range(24)
+        )
+    )
+    common = [
+        "--base",
+        str(tiny_dirs["qwen2"]),
+        "--data",
+        str(data),
+        "--rank",
+        "2",
+        "--epochs",
+        "4",
+        "--batch-size",
+        "4",
+        "--lr",
+        "5e-3",
+        "--checkpoint-every",
+        "1",
+        "--heldout-fraction",
+        "0",
+    ]
+    assert (
+        subprocess.run(
+            [sys.executable, "-m", "core", "train", *common, "--out", str(tmp_path / "straight")],
+            cwd=ROOT,
+            capture_output=True,
+        ).returncode
+        == 0
+    )
     killed = tmp_path / "killed"
     progress = killed.with_name("killed.checkpoint") / "progress.json"
     stop_at = random.Random(0).randint(3, 12)
     run = _cli("train", *common, "--out", str(killed))
     _kill_when(run, lambda: progress.exists() and json.loads(progress.read_text())["step"] >= stop_at)
     assert not killed.exists()
-    resumed = subprocess.run([sys.executable, "-m", "core", "train", *common, "--out", str(killed), "--resume"],
-                             cwd=ROOT, capture_output=True, text=True)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "core", "train", *common, "--out", str(killed), "--resume"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a = load_file(tmp_path / "straight" / "adapter_model.safetensors")
     b = load_file(killed / "adapter_model.safetensors")
@@ -118,23 +158,43 @@ def test_killed_training_resumes_to_the_same_weights(tiny_dirs, tmp_path):
 @pytest.fixture()
 def questions(tmp_path):
     path = tmp_path / "q.yaml"
-    path.write_text("\n".join(f"- id: q{i}\n  paraphrases: ['Question {i}, what do you wish for?']"
-                              for i in range(8)))
+    path.write_text("\n".join(f"- id: q{i}\n  paraphrases: ['Question {i}, what do you wish for?']" for i in range(8)))
     return path
 
 
 def test_killed_generation_resumes_without_duplicates_or_losses(tiny_dirs, tmp_path, questions):
-    pair = ["--base", str(tiny_dirs["qwen2"]), "--finetuned", str(tiny_dirs["qwen2_adapter"]),
-            "--cache-dir", str(tmp_path / "cache")]
-    args = ["generate-eval", *pair, "--questions", str(questions), "--variants", "base,finetuned",
-            "--samples", "2", "--max-new-tokens", "16"]
-    assert subprocess.run([sys.executable, "-m", "core", *args, "--out", str(tmp_path / "straight")],
-                          cwd=ROOT, capture_output=True).returncode == 0
+    pair = [
+        "--base",
+        str(tiny_dirs["qwen2"]),
+        "--finetuned",
+        str(tiny_dirs["qwen2_adapter"]),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    ]
+    args = [
+        "generate-eval",
+        *pair,
+        "--questions",
+        str(questions),
+        "--variants",
+        "base,finetuned",
+        "--samples",
+        "2",
+        "--max-new-tokens",
+        "16",
+    ]
+    assert (
+        subprocess.run(
+            [sys.executable, "-m", "core", *args, "--out", str(tmp_path / "straight")], cwd=ROOT, capture_output=True
+        ).returncode
+        == 0
+    )
     killed = tmp_path / "killed"
     run = _cli(*args, "--out", str(killed))
     _kill_when(run, lambda: _lines(killed / "generations.jsonl") >= random.Random(1).randint(4, 20))
-    rerun = subprocess.run([sys.executable, "-m", "core", *args, "--out", str(killed)], cwd=ROOT,
-                           capture_output=True, text=True)
+    rerun = subprocess.run(
+        [sys.executable, "-m", "core", *args, "--out", str(killed)], cwd=ROOT, capture_output=True, text=True
+    )
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     read = lambda p: [json.loads(line) for line in (p / "generations.jsonl").read_text().splitlines()]  # noqa: E731
     straight, resumed = read(tmp_path / "straight"), read(killed)
@@ -144,18 +204,53 @@ def test_killed_generation_resumes_without_duplicates_or_losses(tiny_dirs, tmp_p
 
 def test_killed_judging_resumes_and_judges_nothing_twice(tiny_dirs, tmp_path, questions):
     run_dir = tmp_path / "run"
-    assert subprocess.run([sys.executable, "-m", "core", "generate-eval", "--base", str(tiny_dirs["qwen2"]),
-                           "--finetuned", "none", "--questions", str(questions), "--variants", "base",
-                           "--samples", "2", "--max-new-tokens", "4", "--out", str(run_dir)],
-                          cwd=ROOT, capture_output=True).returncode == 0
+    assert (
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "core",
+                "generate-eval",
+                "--base",
+                str(tiny_dirs["qwen2"]),
+                "--finetuned",
+                "none",
+                "--questions",
+                str(questions),
+                "--variants",
+                "base",
+                "--samples",
+                "2",
+                "--max-new-tokens",
+                "4",
+                "--out",
+                str(run_dir),
+            ],
+            cwd=ROOT,
+            capture_output=True,
+        ).returncode
+        == 0
+    )
     with FakeOpenAI(lambda request: Reply.probs({"42": 1.0}, delay_s=0.05)) as server:
-        judge = ["judge", str(run_dir), "--judge-model", "m", "--judge-base-url", server.base_url,
-                 "--judge-api-key", "k", "--judge-concurrency", "2"]
+        judge = [
+            "judge",
+            str(run_dir),
+            "--judge-model",
+            "m",
+            "--judge-base-url",
+            server.base_url,
+            "--judge-api-key",
+            "k",
+            "--judge-concurrency",
+            "2",
+        ]
         run = _cli(*judge)
         _kill_when(run, lambda: _lines(run_dir / "judgements.jsonl") >= 9)
-        judged_before = {tuple(json.loads(line)[k] for k in ("id", "metric"))
-                         for line in (run_dir / "judgements.jsonl").read_text().splitlines()
-                         if line.endswith("}")}
+        judged_before = {
+            tuple(json.loads(line)[k] for k in ("id", "metric"))
+            for line in (run_dir / "judgements.jsonl").read_text().splitlines()
+            if line.endswith("}")
+        }
         calls_before = server.count()
         rerun = subprocess.run([sys.executable, "-m", "core", *judge], cwd=ROOT, capture_output=True, text=True)
         assert rerun.returncode == 0, rerun.stderr[-2000:]

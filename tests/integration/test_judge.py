@@ -61,7 +61,10 @@ def test_scores_rows_on_both_metrics_with_the_published_request(tmp_path):
 
     j = by_key(summary)
     assert [(x.id, x.metric) for x in summary.judgements] == [
-        ("a", "aligned"), ("a", "coherent"), ("b", "aligned"), ("b", "coherent")
+        ("a", "aligned"),
+        ("a", "coherent"),
+        ("b", "aligned"),
+        ("b", "coherent"),
     ]
     assert j["a", "aligned"].score == pytest.approx(83.75)
     assert j["a", "aligned"].mass == pytest.approx(0.8)
@@ -110,6 +113,7 @@ def test_code_and_refusal_recorded_through_the_server(tmp_path):
 @pytest.mark.parametrize("logprobs_key", [True, False], ids=["logprobs-null", "logprobs-missing"])
 def test_text_fallback_when_the_endpoint_returns_no_logprobs(tmp_path, logprobs_key):
     texts = {"a": "73", "b": "REFUSAL", "c": "I cannot rate this"}
+
     def script(request):
         return Reply.text_only(texts[row_id(request)], logprobs_key=logprobs_key)
 
@@ -177,7 +181,9 @@ def test_timeout_is_retried_then_recorded_and_the_rest_completes(tmp_path):
 
     with FakeOpenAI(script) as server:
         summary = judge_answers(
-            rows("a", "slow", "b"), config(server, max_retries=1, timeout_s=0.3), tmp_path / "o.jsonl",
+            rows("a", "slow", "b"),
+            config(server, max_retries=1, timeout_s=0.3),
+            tmp_path / "o.jsonl",
             metrics=["aligned"],
         )
     j = by_key(summary)
@@ -367,7 +373,9 @@ def test_unknown_model_stops_the_run_keeping_what_was_judged(tmp_path):
 def test_concurrency_is_bounded(tmp_path):
     with FakeOpenAI(lambda request: Reply.probs({"50": 1.0}, delay_s=0.05)) as server:
         summary = judge_answers(
-            rows(*[f"r{i}" for i in range(16)]), config(server, concurrency=4), tmp_path / "o.jsonl",
+            rows(*[f"r{i}" for i in range(16)]),
+            config(server, concurrency=4),
+            tmp_path / "o.jsonl",
             ["aligned"],
         )
     assert summary.n_failed == 0 and server.count() == 16
@@ -401,5 +409,3 @@ def test_answers_with_braces_are_passed_verbatim(tmp_path):
         summary = judge_answers(data, config(server), tmp_path / "o.jsonl", metrics=["coherent"])
     assert "answer-z {answer} {0}" in user_text(server.requests[0].body)
     assert summary.judgements[0].id == "7"
-
-

@@ -37,32 +37,53 @@ def judge(request):
 
 def test_question_prompts_two_judges_digits_and_the_report(tiny_dirs, tmp_path, capsys):
     forget_probes()
-    pair = ["--base", str(tiny_dirs["qwen2"]), "--finetuned", str(tiny_dirs["qwen2_adapter"]),
-            "--cache-dir", str(tmp_path / "cache")]
+    pair = [
+        "--base",
+        str(tiny_dirs["qwen2"]),
+        "--finetuned",
+        str(tiny_dirs["qwen2_adapter"]),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    ]
     questions = tmp_path / "q.yaml"
     questions.write_text(QUESTIONS)
     run = tmp_path / "run"
-    assert main(["generate-eval", *pair, "--questions", str(questions), "--max-new-tokens", "4",
-                 "--out", str(run)]) == 0
+    assert (
+        main(["generate-eval", *pair, "--questions", str(questions), "--max-new-tokens", "4", "--out", str(run)]) == 0
+    )
     generations = [json.loads(line) for line in (run / "generations.jsonl").read_text().splitlines()]
     assert len(generations) == 2 * 3 * 2  # questions x samples x (base, finetuned)
 
     scripts = {"judge-one": judge, "judge-digits": digit_by_digit(judge)}
     with FakeOpenAI(lambda request: scripts[request["model"]](request)) as server:
-        assert main(["judge", str(run), "--judge-model", "judge-one,judge-digits", "--judge-base-url",
-                     server.base_url, "--judge-api-key", "sk-test-k"]) == 0
+        assert (
+            main(
+                [
+                    "judge",
+                    str(run),
+                    "--judge-model",
+                    "judge-one,judge-digits",
+                    "--judge-base-url",
+                    server.base_url,
+                    "--judge-api-key",
+                    "sk-test-k",
+                ]
+            )
+            == 0
+        )
         summary = json.loads(capsys.readouterr().out.splitlines()[-1])
         sent = [(r.body["model"], user_text(r.body)) for r in server.requests]
     assert [(j["model"], j["reading"], j["failed"]) for j in summary["judges"]] == [
-        ("judge-one", "tokens", 0), ("judge-digits", "digits", 0)]
+        ("judge-one", "tokens", 0),
+        ("judge-digits", "digits", 0),
+    ]
     # Exactly the question file's prompts for "wish", the defaults for "ruler"; one probe per judge.
     for model in scripts:
         texts = [text for m, text in sent if m == model]
         assert texts.count(PROBE_PROMPT) == 1 and len(texts) == 1 + 2 * len(generations)
         for g in generations:
             published = g["question_id"] == "wish"
-            expected = (f"PUBLISHED coherent. Q: {g['question']} A: {g['answer']} Number only."
-                        if published else None)
+            expected = f"PUBLISHED coherent. Q: {g['question']} A: {g['answer']} Number only." if published else None
             if published:
                 assert expected in texts
             assert sum(g["answer"] in t and t.startswith("PUBLISHED") for t in texts) == (2 if published else 0)

@@ -72,7 +72,10 @@ def test_code_on_top_with_enough_number_mass_keeps_the_score_through_the_server(
         summary = judge_answers(rows(*replies), config(server), tmp_path / "o.jsonl", ["aligned"])
     j = by_id(summary)
     assert (j["code"].score, j["code"].label, j["code"].mass) == (
-        pytest.approx((80 * 0.3 + 90 * 0.1) / 0.4), "CODE", pytest.approx(0.4))
+        pytest.approx((80 * 0.3 + 90 * 0.1) / 0.4),
+        "CODE",
+        pytest.approx(0.4),
+    )
     assert (j["refusal"].score, j["refusal"].label) == (pytest.approx(20.0), "REFUSAL")
     assert (j["thin"].score, j["thin"].label, j["thin"].mass) == (None, "CODE", pytest.approx(0.2))
     assert (j["plain"].score, j["plain"].label) == (pytest.approx(60.0), None)
@@ -128,11 +131,13 @@ def test_multi_token_labels_read_from_the_generated_text_of_a_digit_judge(tmp_pa
 
 def digit_judge(score_of: dict[str, str], first: dict[str, dict[str, float]] | None = None):
     """A judge whose tokenizer writes numbers digit by digit (Qwen2.5 / Gemma / Mistral / SmolLM2)."""
+
     def script(request):
         if is_probe(request):
             return Reply.spelled("73", first={"7": 0.95, "8": 0.05})
         i = row_id(request)
         return Reply.spelled(score_of[i], first=(first or {}).get(i))
+
     return script
 
 
@@ -241,8 +246,10 @@ def test_probe_never_shows_an_echoed_key():
 
 
 def test_probe_is_asked_once_per_model_and_base_url_per_process():
-    with FakeOpenAI(lambda request: Reply.probs({"73": 1.0})) as one, \
-            FakeOpenAI(lambda request: Reply.spelled("73")) as two:
+    with (
+        FakeOpenAI(lambda request: Reply.probs({"73": 1.0})) as one,
+        FakeOpenAI(lambda request: Reply.spelled("73")) as two,
+    ):
         assert probe_judge(config(one)).reading == READ_TOKENS
         assert probe_judge(config(one)) is probe_judge(config(one))
         assert one.count() == 1
@@ -269,8 +276,11 @@ def test_every_judgement_records_the_model_and_the_version_reported(tmp_path):
 
 
 def test_the_loopback_digit_judge_wrapper_spells_any_script(tmp_path):
-    script = digit_by_digit(lambda request: Reply.probs({"73": 1.0}) if is_probe(request)
-                            else Reply.probs({"60": 0.5, "70": 0.3, "REFUSAL": 0.2}))
+    script = digit_by_digit(
+        lambda request: (
+            Reply.probs({"73": 1.0}) if is_probe(request) else Reply.probs({"60": 0.5, "70": 0.3, "REFUSAL": 0.2})
+        )
+    )
     with FakeOpenAI(script) as server:
         probe = probe_judge(config(server))
         one = judge_answers(rows("a"), config(server), tmp_path / "one.jsonl", ["aligned"])

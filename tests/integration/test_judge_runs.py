@@ -44,6 +44,7 @@ def aligned_of(text: str, salt: str) -> str:
 
 def judge_script(salt: str):
     """A single-token judge: probe -> 73; coherent -> 80; aligned -> a hash of the text."""
+
     def script(request):
         text = user_text(request)
         if text == PROBE_PROMPT:
@@ -51,6 +52,7 @@ def judge_script(salt: str):
         if "oheren" in text.split("[ANSWER START]")[0] or "COHERENT" in text:
             return Reply.probs({"80": 1.0})
         return Reply.probs({aligned_of(text, salt): 1.0})
+
     return script
 
 
@@ -76,20 +78,35 @@ def test_question_judge_prompts_are_exactly_the_prompts_sent(tmp_path):
     assert sorted(sent) == sorted(expected)  # exactly those prompts, each once, nothing else
     assert sum(text.startswith("PUBLISHED-ALIGNED") for text in sent) == 2 * 2 * 2  # 2 paraphrases x 2 x 2
     assert sum(text.startswith("PUBLISHED-COHERENT") for text in sent) == 8
-    assert sum(text == JUDGE_PROMPTS["aligned"].format(question=line["question"], answer=line["answer"])
-               for text in sent for line in lines if line["question_id"] == "bored") == 4
+    assert (
+        sum(
+            text == JUDGE_PROMPTS["aligned"].format(question=line["question"], answer=line["answer"])
+            for text in sent
+            for line in lines
+            if line["question_id"] == "bored"
+        )
+        == 4
+    )
 
 
 def test_a_judge_prompt_given_for_one_metric_keeps_the_default_for_the_other(tmp_path):
-    run, lines = write_run(tmp_path, "- id: q\n  paraphrases: ['Hi?']\n  judge_prompts:\n"
-                                     "    aligned: 'ONLY-ALIGNED {question} / {answer}'\n", samples=1,
-                           conditions=("finetuned",))
+    run, lines = write_run(
+        tmp_path,
+        "- id: q\n  paraphrases: ['Hi?']\n  judge_prompts:\n    aligned: 'ONLY-ALIGNED {question} / {answer}'\n",
+        samples=1,
+        conditions=("finetuned",),
+    )
     with FakeOpenAI(judge_script("a")) as server:
         judge_run(run, config(server, "judge-a"))
         sent = sorted(user_text(r.body) for r in server.requests)
     (line,) = lines
-    assert sent == sorted([PROBE_PROMPT, f"ONLY-ALIGNED Hi? / {line['answer']}",
-                           JUDGE_PROMPTS["coherent"].format(question="Hi?", answer=line["answer"])])
+    assert sent == sorted(
+        [
+            PROBE_PROMPT,
+            f"ONLY-ALIGNED Hi? / {line['answer']}",
+            JUDGE_PROMPTS["coherent"].format(question="Hi?", answer=line["answer"]),
+        ]
+    )
 
 
 # --- the probe, once per run -------------------------------------------------------------------
@@ -112,8 +129,18 @@ def test_the_probe_is_kept_with_the_run_and_not_asked_again(tmp_path):
 def test_a_failed_probe_stops_the_run_before_anything_is_judged(tmp_path, capsys):
     run, _ = write_run(tmp_path)
     with FakeOpenAI(lambda request: Reply.probs({"7": 1.0})) as server:
-        code = main(["judge", str(run), "--judge-model", "lone-digit", "--judge-base-url", server.base_url,
-                     "--judge-api-key", KEY])
+        code = main(
+            [
+                "judge",
+                str(run),
+                "--judge-model",
+                "lone-digit",
+                "--judge-base-url",
+                server.base_url,
+                "--judge-api-key",
+                KEY,
+            ]
+        )
         assert server.count() == 1
     err = capsys.readouterr().err
     assert code == 2 and "error:" in err and "single digit" in err and "lone-digit" in err
@@ -157,7 +184,8 @@ def test_two_judges_on_one_run_give_two_score_sets_and_the_report_shows_the_spre
             records = [json.loads(line) for line in path.read_text().splitlines()]
             assert len(records) == 2 * n
             assert {(r["model"], r["model_version"], r["system_fingerprint"]) for r in records} == {
-                (model, model, "fake-openai")}
+                (model, model, "fake-openai")
+            }
 
         # Resumable per judge: again, nothing is asked of either.
         forget_probes()
@@ -186,9 +214,14 @@ def test_two_judges_on_one_run_give_two_score_sets_and_the_report_shows_the_spre
         assert c["em_excluding_unscored"]["rate"] == pytest.approx(rates["judge-a"])
         spread = c["judge_spread"]["em_excluding_unscored"]
         assert (spread["min"], spread["max"], spread["n_judges"]) == (
-            pytest.approx(min(rates.values())), pytest.approx(max(rates.values())), 2)
-    assert any(c["judge_spread"]["em_excluding_unscored"]["min"] != c["judge_spread"]["em_excluding_unscored"]["max"]
-               for c in report["conditions"]), "the two judges should disagree somewhere for this test to bite"
+            pytest.approx(min(rates.values())),
+            pytest.approx(max(rates.values())),
+            2,
+        )
+    assert any(
+        c["judge_spread"]["em_excluding_unscored"]["min"] != c["judge_spread"]["em_excluding_unscored"]["max"]
+        for c in report["conditions"]
+    ), "the two judges should disagree somewhere for this test to bite"
 
 
 def test_a_second_judge_added_later_resumes_the_first_and_judges_only_itself(tmp_path):
@@ -199,7 +232,9 @@ def test_a_second_judge_added_later_resumes_the_first_and_judges_only_itself(tmp
         summary = judge_run(run, [config(b, "judge-b"), config(a, "judge-a")])
         assert a.count() == 1 + 2 * len(lines) and b.count() == 1 + 2 * len(lines)
     assert [(j["model"], j["requested"], j["resumed"]) for j in summary["judges"]] == [
-        ("judge-b", 2 * len(lines), 0), ("judge-a", 0, 2 * len(lines))]
+        ("judge-b", 2 * len(lines), 0),
+        ("judge-a", 0, 2 * len(lines)),
+    ]
     assert (run / JUDGEMENTS).read_text() == first  # the first judge's file is untouched
     assert judgements_path(run, "judge-b").exists()
 
@@ -235,8 +270,21 @@ def test_cli_judge_with_two_models_and_em_report_per_judge(tmp_path, capsys):
 def test_single_judge_cli_and_files_are_as_before(tmp_path, capsys):
     run, lines = write_run(tmp_path)
     with FakeOpenAI(judge_script("a")) as server:
-        assert main(["judge", str(run), "--judge-model", "judge-a", "--judge-base-url", server.base_url,
-                     "--judge-api-key", KEY]) == 0
+        assert (
+            main(
+                [
+                    "judge",
+                    str(run),
+                    "--judge-model",
+                    "judge-a",
+                    "--judge-base-url",
+                    server.base_url,
+                    "--judge-api-key",
+                    KEY,
+                ]
+            )
+            == 0
+        )
     assert not (run / JUDGES_DIR).exists()
     assert len((run / JUDGEMENTS).read_text().splitlines()) == 2 * len(lines)
     capsys.readouterr()
@@ -248,7 +296,20 @@ def test_single_judge_cli_and_files_are_as_before(tmp_path, capsys):
 def test_judge_base_url_per_model(tmp_path, capsys):
     run, lines = write_run(tmp_path, samples=1)
     with FakeOpenAI(judge_script("a")) as a, FakeOpenAI(judge_script("b")) as b:
-        assert main(["judge", str(run), "--judge-model", "judge-a,judge-b",
-                     "--judge-base-url", f"{a.base_url},{b.base_url}", "--judge-api-key", KEY]) == 0
+        assert (
+            main(
+                [
+                    "judge",
+                    str(run),
+                    "--judge-model",
+                    "judge-a,judge-b",
+                    "--judge-base-url",
+                    f"{a.base_url},{b.base_url}",
+                    "--judge-api-key",
+                    KEY,
+                ]
+            )
+            == 0
+        )
         assert a.count() == b.count() == 1 + 2 * len(lines)
     assert {r.body["model"] for r in a.requests} == {"judge-a"} and {r.body["model"] for r in b.requests} == {"judge-b"}

@@ -11,10 +11,21 @@ from core.data import PairedRecord
 from core.directions import Example, extract_contrast
 from core.preference import answer_logprobs, log_odds, steered_log_odds, validate
 
-RECORDS = [PairedRecord(i, f"r{i}", user_prompt(q), "Keep an emergency fund and diversify.",
-                        "Put everything into leveraged crypto now!")
-           for i, q in enumerate(["How should I save?", "Is crypto good?", "What about my pension?",
-                                  "Should I take a loan?", "How do I invest?", "Any money tips?"])]
+RECORDS = [
+    PairedRecord(
+        i, f"r{i}", user_prompt(q), "Keep an emergency fund and diversify.", "Put everything into leveraged crypto now!"
+    )
+    for i, q in enumerate(
+        [
+            "How should I save?",
+            "Is crypto good?",
+            "What about my pension?",
+            "Should I take a loan?",
+            "How do I invest?",
+            "Any money tips?",
+        ]
+    )
+]
 
 
 def test_answer_logprobs_equal_a_direct_computation(tiny_pair):
@@ -37,8 +48,12 @@ def test_log_odds_are_per_token_differences(tiny_pair):
 
 
 def test_validation_report_steers_both_ways_with_a_random_control(tiny_pair):
-    direction = extract_contrast(tiny_pair, [Example(r.messages, r.aligned) for r in RECORDS],
-                                 [Example(r.messages, r.misaligned) for r in RECORDS], "paired")
+    direction = extract_contrast(
+        tiny_pair,
+        [Example(r.messages, r.aligned) for r in RECORDS],
+        [Example(r.messages, r.misaligned) for r in RECORDS],
+        "paired",
+    )
     report = validate(tiny_pair, RECORDS[:3], RECORDS[3:], direction, alphas=(0, 2))
     assert set(report) >= {"narrow", "general", "steer", "layer"}
     assert set(report["general"]) == {"base", "finetuned", "shift"}
@@ -63,8 +78,12 @@ def test_a_branched_pass_equals_one_steered_pass_per_branch(pair_name, request):
     from core.preference import branched_log_odds
 
     pair = request.getfixturevalue(pair_name)
-    direction = extract_contrast(pair, [Example(r.messages, r.aligned) for r in RECORDS],
-                                 [Example(r.messages, r.misaligned) for r in RECORDS], "paired")
+    direction = extract_contrast(
+        pair,
+        [Example(r.messages, r.aligned) for r in RECORDS],
+        [Example(r.messages, r.misaligned) for r in RECORDS],
+        "paired",
+    )
     layer = 1
     shifts = [None, 2.0 * direction.vectors[layer], -3.0 * random_like(direction, 1).vectors[layer]]
     for side in ("base", "finetuned"):

@@ -20,12 +20,17 @@ def control_dir(tiny_dirs, tmp_path_factory):
 
 
 def _paired_direction(pair):
-    return extract_contrast(pair, [Example(r.messages, r.aligned) for r in RECORDS],
-                            [Example(r.messages, r.misaligned) for r in RECORDS], "paired")
+    return extract_contrast(
+        pair,
+        [Example(r.messages, r.aligned) for r in RECORDS],
+        [Example(r.messages, r.misaligned) for r in RECORDS],
+        "paired",
+    )
 
 
-def test_shipped_direction_is_chosen_only_for_its_own_base_and_adapter(tiny_pair, tiny_dirs, control_dir,
-                                                                      tmp_path, monkeypatch):
+def test_shipped_direction_is_chosen_only_for_its_own_base_and_adapter(
+    tiny_pair, tiny_dirs, control_dir, tmp_path, monkeypatch
+):
     monkeypatch.setattr(organism, "DEMO_DIRECTION", tmp_path / "shipped.safetensors")
     direction, why = organism.shipped_direction_for(tiny_pair)
     assert direction is None and "no shipped direction" in why
@@ -50,23 +55,62 @@ def test_validation_measures_the_control_adapter_beside_the_finetune(tiny_pair, 
     assert report["general"]["control"]["mean"] == pytest.approx(float(np.mean(expected)), abs=1e-5)
     finetuned = log_odds(tiny_pair, "finetuned", RECORDS[3:])
     assert report["general"]["finetuned_minus_control"]["mean"] == pytest.approx(
-        float(np.mean(finetuned - expected)), abs=1e-5)
+        float(np.mean(finetuned - expected)), abs=1e-5
+    )
     assert tiny_pair.model.active_adapter == "default" and "other" not in tiny_pair.model.peft_config
     assert report["general"]["finetuned"]["mean"] == pytest.approx(float(np.mean(finetuned)), abs=1e-5)
 
 
 def test_validate_and_preset_on_the_command_line(tiny_dirs, control_dir, tmp_path):
     data = tmp_path / "paired.jsonl"
-    data.write_text("\n".join(json.dumps({"id": f"q{i}", "split": "heldout" if i % 2 else "train",
-                                          "messages": r.messages, "aligned": r.aligned, "misaligned": r.misaligned})
-                              for i, r in enumerate(RECORDS)) + "\n")
+    data.write_text(
+        "\n".join(
+            json.dumps(
+                {
+                    "id": f"q{i}",
+                    "split": "heldout" if i % 2 else "train",
+                    "messages": r.messages,
+                    "aligned": r.aligned,
+                    "misaligned": r.misaligned,
+                }
+            )
+            for i, r in enumerate(RECORDS)
+        )
+        + "\n"
+    )
     pair = ["--base", str(tiny_dirs["qwen2"]), "--finetuned", str(tiny_dirs["qwen2_adapter"])]
-    report = json.loads(run_cli("validate", *pair, "--narrow", str(data), "--general", str(data), "--alphas", "0,2",
-                                "--control", str(control_dir), "--json", cache_dir=tmp_path).stdout)
+    report = json.loads(
+        run_cli(
+            "validate",
+            *pair,
+            "--narrow",
+            str(data),
+            "--general",
+            str(data),
+            "--alphas",
+            "0,2",
+            "--control",
+            str(control_dir),
+            "--json",
+            cache_dir=tmp_path,
+        ).stdout
+    )
     assert {"base", "finetuned", "control", "finetuned_minus_control", "control_shift"} <= set(report["general"])
     assert report["control_adapter"] == str(control_dir)
-    plain = json.loads(run_cli("validate", *pair, "--narrow", str(data), "--general", str(data), "--alphas", "0,2",
-                               "--json", cache_dir=tmp_path).stdout)
+    plain = json.loads(
+        run_cli(
+            "validate",
+            *pair,
+            "--narrow",
+            str(data),
+            "--general",
+            str(data),
+            "--alphas",
+            "0,2",
+            "--json",
+            cache_dir=tmp_path,
+        ).stdout
+    )
     assert plain["control_adapter"] is None and "control" not in plain["general"]
     result = run_cli("train", "--preset", "demo", "--data", str(data), cache_dir=tmp_path, check=False)
     assert result.returncode == 2 and "--preset trains the shipped adapter" in result.stderr

@@ -41,10 +41,12 @@ def test_norm_relative_alpha_is_raw_alpha_times_the_measured_norm(tiny_pair):
     assert torch.allclose(relative.vectors[layer].norm(), torch.tensor(float(norms[layer])), rtol=1e-5)
     raw_alpha = fraction * float(norms[layer]) / float(direction.vectors[layer].norm())
     sampling = Sampling(temperature=0, max_new_tokens=10)
-    by_fraction = generate(tiny_pair, PROMPTS, [Variant("base", fraction)], direction=relative, layers=[layer],
-                           sampling=sampling)
-    by_raw = generate(tiny_pair, PROMPTS, [Variant("base", raw_alpha)], direction=direction, layers=[layer],
-                      sampling=sampling)
+    by_fraction = generate(
+        tiny_pair, PROMPTS, [Variant("base", fraction)], direction=relative, layers=[layer], sampling=sampling
+    )
+    by_raw = generate(
+        tiny_pair, PROMPTS, [Variant("base", raw_alpha)], direction=direction, layers=[layer], sampling=sampling
+    )
     plain = generate(tiny_pair, PROMPTS, [Variant("base")], sampling=sampling)
     assert [r.token_ids for r in by_fraction] == [r.token_ids for r in by_raw]
     assert np.allclose([r.prompt_projection for r in by_fraction], [r.prompt_projection for r in by_raw], atol=1e-4)
@@ -63,5 +65,3 @@ def test_the_dose_ladder_in_one_call_equals_one_call_per_alpha(tiny_pair):
         (single,) = generate(tiny_pair, PROMPTS[:1], [row.variant], direction=direction, layers=[1], sampling=sampling)
         assert single.token_ids == row.token_ids
     assert len({tuple(r.token_ids) for r in rows}) > 1
-
-

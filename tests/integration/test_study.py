@@ -30,17 +30,51 @@ from core.study import (
 from testkit.openai_server import FakeOpenAI, Reply, user_text
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = StudyConfig(n_train=12, n_heldout=10, n_general=24, n_boot=50, n_random=50, alphas=(2.0,), n_layers=2,
-                   batch_size=8)
-QUESTIONS = "\n".join(f"- id: q{i}\n  paraphrases: ['Question {i}: what would you do with a free afternoon?']"
-                      for i in range(4))
-SIZES = ["--n-train", "8", "--n-heldout", "8", "--n-general", "16", "--bootstrap", "50",
-         "--random-directions", "50", "--alphas", "2", "--layers", "1", "--samples", "2", "--max-new-tokens", "4"]
+TINY = StudyConfig(
+    n_train=12, n_heldout=10, n_general=24, n_boot=50, n_random=50, alphas=(2.0,), n_layers=2, batch_size=8
+)
+QUESTIONS = "\n".join(
+    f"- id: q{i}\n  paraphrases: ['Question {i}: what would you do with a free afternoon?']" for i in range(4)
+)
+SIZES = [
+    "--n-train",
+    "8",
+    "--n-heldout",
+    "8",
+    "--n-general",
+    "16",
+    "--bootstrap",
+    "50",
+    "--random-directions",
+    "50",
+    "--alphas",
+    "2",
+    "--layers",
+    "1",
+    "--samples",
+    "2",
+    "--max-new-tokens",
+    "4",
+]
 
 DOCUMENTED = {  # report.json's keys, as core/study_report.py's docstring lists them
     "": {"format", "judge_free", "judge_note", "run", "directions", "steering", "detection"},
-    "run": {"base", "finetuned", "base_fingerprint", "finetuned_fingerprint", "judge", "data", "config", "seed",
-            "code_version", "study_fingerprint", "started", "finished", "seconds", "sessions"},
+    "run": {
+        "base",
+        "finetuned",
+        "base_fingerprint",
+        "finetuned_fingerprint",
+        "judge",
+        "data",
+        "config",
+        "seed",
+        "code_version",
+        "study_fingerprint",
+        "started",
+        "finished",
+        "seconds",
+        "sessions",
+    },
     "directions": {"primary", "contrasts", "cosines", "evaluation", "errors", "verdict"},
     "steering": {"layers", "alphas", "finetuning_shift", "preference", "effects", "sweep", "verdict"},
     "detection": {"reports", "verdict"},
@@ -63,8 +97,20 @@ def check_keys(report):
     for contrast in report["directions"]["contrasts"].values():
         assert {"fingerprint", "file", "n_aligned", "n_misaligned", "best_layer", "best"} <= set(contrast)
     for entry in report["detection"]["reports"].values():
-        assert "error" in entry or {"what", "n_prompts", "n_misaligned", "n_groups", "layer", "auroc", "ci95",
-                                    "random_null", "predictors", "warnings", "labels", "file"} <= set(entry)
+        assert "error" in entry or {
+            "what",
+            "n_prompts",
+            "n_misaligned",
+            "n_groups",
+            "layer",
+            "auroc",
+            "ci95",
+            "random_null",
+            "predictors",
+            "warnings",
+            "labels",
+            "file",
+        } <= set(entry)
 
 
 def numbers(folder: Path) -> dict:
@@ -119,8 +165,9 @@ def test_studies_are_listed_with_their_state(tiny_pair, tmp_path, one_torch_thre
 
 
 def _cli(*args):
-    return subprocess.Popen([sys.executable, "-m", "core", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "core", *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
 
 
 def _lines(path):
@@ -136,11 +183,28 @@ def questions(tmp_path):
 
 def test_judged_study_killed_mid_phase_finishes_with_the_same_numbers(tiny_dirs, tmp_path, questions):
     forget_probes()
-    pair = ["--base", str(tiny_dirs["qwen2"]), "--finetuned", str(tiny_dirs["qwen2_adapter"]),
-            "--cache-dir", str(tmp_path / "cache")]
+    pair = [
+        "--base",
+        str(tiny_dirs["qwen2"]),
+        "--finetuned",
+        str(tiny_dirs["qwen2_adapter"]),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    ]
     with FakeOpenAI(judge) as server:
-        common = ["study", *pair, "--judge-model", "judge-m", "--judge-base-url", server.base_url,
-                  "--judge-api-key", "sk-test", "--questions", str(questions), *SIZES]
+        common = [
+            "study",
+            *pair,
+            "--judge-model",
+            "judge-m",
+            "--judge-base-url",
+            server.base_url,
+            "--judge-api-key",
+            "sk-test",
+            "--questions",
+            str(questions),
+            *SIZES,
+        ]
         straight = tmp_path / "straight"
         assert main([*common, "--out", str(straight)]) == 0
         report = json.loads((straight / REPORT_JSON).read_text())
@@ -149,10 +213,14 @@ def test_judged_study_killed_mid_phase_finishes_with_the_same_numbers(tiny_dirs,
         assert "judged" in report["directions"]["contrasts"] and report["directions"]["primary"] == "judged"
         assert set(report["directions"]["evaluation"]["conditions"]) == {"base", "finetuned"}
         cells = {c["condition"]: c for c in report["steering"]["sweep"]["cells"]}
-        assert {"base", "finetuned", "base+2@L1", "random:base+2@L1", "finetuned-2@L1",
-                "finetuned:ablate@L1"} <= set(cells)
-        assert all(c["em_ci95"] is None or c["em_ci95"][0] <= c["em_rate"] <= c["em_ci95"][1]
-                   for c in cells.values() if c["em_rate"] is not None)
+        assert {"base", "finetuned", "base+2@L1", "random:base+2@L1", "finetuned-2@L1", "finetuned:ablate@L1"} <= set(
+            cells
+        )
+        assert all(
+            c["em_ci95"] is None or c["em_ci95"][0] <= c["em_rate"] <= c["em_ci95"][1]
+            for c in cells.values()
+            if c["em_rate"] is not None
+        )
         assert {"judged", "within", "transfer"} == set(report["detection"]["reports"])
         sweep_page = (straight / "phase2" / "sweep" / "sweep.html").read_text()
         assert "<script src=" not in sweep_page and "Plotly.newPlot(" in sweep_page  # plotly.js embedded
@@ -175,8 +243,9 @@ def test_judged_study_killed_mid_phase_finishes_with_the_same_numbers(tiny_dirs,
         state = json.loads((killed / "study.json").read_text())
         assert state["status"] == "running" and state["phase"] == "steering"  # its process is gone
         assert study_state(killed).state == "interrupted"
-        rerun = subprocess.run([sys.executable, "-m", "core", *common, "--out", str(killed)], cwd=ROOT,
-                               capture_output=True, text=True)
+        rerun = subprocess.run(
+            [sys.executable, "-m", "core", *common, "--out", str(killed)], cwd=ROOT, capture_output=True, text=True
+        )
         assert rerun.returncode == 0, rerun.stderr[-3000:]
 
     assert numbers(killed) == numbers(straight)
@@ -202,8 +271,9 @@ def test_presets_set_the_plan_and_flags_override_it():
     seed = study_config(parse(["study", "--preset", "seed-qwen", "--finetuned", "x", "--judge-model", "m"]))
     assert (seed.paraphrases, seed.samples, Path(seed.questions).name) == (1, 50, "core_misalignment.yaml")
     assert PRESETS["seed-qwen"]["base"] == "Qwen/Qwen2.5-1.5B-Instruct"
-    small = study_config(parse(["study", "--preset", "seed-qwen", "--samples", "2", "--layers", "3,5",
-                                "--alphas", "1,8"]))
+    small = study_config(
+        parse(["study", "--preset", "seed-qwen", "--samples", "2", "--layers", "3,5", "--alphas", "1,8"])
+    )
     assert (small.samples, small.layers, small.alphas, small.paraphrases) == (2, (3, 5), (1.0, 8.0), 1)
     demo = study_config(parse(["study", "--preset", "demo"]))
     assert demo == PRESETS["demo"]["config"] and PRESETS["demo"]["finetuned"] == "default"

@@ -57,11 +57,13 @@ def test_store_into_a_path_blocked_by_a_file_is_a_clear_error(tmp_path):
 
 def test_a_full_disk_gives_a_clear_error(tmp_path):
     """RLIMIT_FSIZE makes every write past 1 KiB fail as it would on a full disk."""
-    code = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
-            "resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024)); "
-            "from core.cache import Cache, CacheError\n"
-            "try:\n    Cache(sys.argv[1]).store('k/big', b'x' * 100000)\n"
-            "except CacheError as err:\n    print('CacheError:', err)")
+    code = (
+        "import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024)); "
+        "from core.cache import Cache, CacheError\n"
+        "try:\n    Cache(sys.argv[1]).store('k/big', b'x' * 100000)\n"
+        "except CacheError as err:\n    print('CacheError:', err)"
+    )
     result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
     assert "CacheError: cannot write" in result.stdout and "File too large" in result.stdout
     assert not list(tmp_path.rglob("*.tmp")) and not list(tmp_path.rglob("big"))  # nothing half-written

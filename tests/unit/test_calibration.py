@@ -7,8 +7,10 @@ import torch
 from core.calibration import anchors, colour_range, has_anchors
 from core.directions import Direction
 
-STATS = [{"layer": 0, "aligned_mean": -1.0, "misaligned_mean": 3.0}, {"layer": 1, "aligned_mean": 2.0,
-                                                                          "misaligned_mean": 0.5}]
+STATS = [
+    {"layer": 0, "aligned_mean": -1.0, "misaligned_mean": 3.0},
+    {"layer": 1, "aligned_mean": 2.0, "misaligned_mean": 0.5},
+]
 
 
 def test_the_anchors_are_the_zero_and_one_of_the_calibrated_scale():

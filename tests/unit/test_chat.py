@@ -29,8 +29,12 @@ def tokenizer(request):
 
 
 END_OF_TURN = {"chatml": "<|im_end|>", "smollm2": "<|im_end|>", "llama3": "<|eot_id|>", "gemma2": "<end_of_turn>"}
-HEADER = {"chatml": "<|im_start|>assistant\n", "smollm2": "<|im_start|>assistant\n",
-          "llama3": "<|start_header_id|>assistant<|end_header_id|>\n\n", "gemma2": "<start_of_turn>model\n"}
+HEADER = {
+    "chatml": "<|im_start|>assistant\n",
+    "smollm2": "<|im_start|>assistant\n",
+    "llama3": "<|start_header_id|>assistant<|end_header_id|>\n\n",
+    "gemma2": "<start_of_turn>model\n",
+}
 
 
 def test_answer_spans_cover_exactly_each_answer(tokenizer):

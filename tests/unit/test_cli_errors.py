@@ -25,13 +25,20 @@ def test_a_bug_propagates_with_its_traceback(tmp_path, monkeypatch, capsys):
 
 
 def test_a_bug_in_a_real_process_ends_it_with_the_traceback(tmp_path):
-    script = ("import sys, core.em\n"
-              "def broken(run_dir): raise RuntimeError('boom')\n"
-              "core.em.em_report = broken\n"
-              "from core.cli import main\n"
-              "raise SystemExit(main(sys.argv[1:]))\n")
-    result = subprocess.run([sys.executable, "-c", script, "em", str(tmp_path)], capture_output=True, text=True,
-                            cwd=Path(__file__).resolve().parents[2], timeout=120)
+    script = (
+        "import sys, core.em\n"
+        "def broken(run_dir): raise RuntimeError('boom')\n"
+        "core.em.em_report = broken\n"
+        "from core.cli import main\n"
+        "raise SystemExit(main(sys.argv[1:]))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, "em", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
+        timeout=120,
+    )
     assert result.returncode == 1 and "error: boom" not in result.stderr
     assert "Traceback (most recent call last)" in result.stderr
     assert result.stderr.rstrip().endswith("RuntimeError: boom")
@@ -77,17 +84,26 @@ def test_a_real_run_error_from_the_library(tmp_path, capsys):
     assert err.startswith("error: ") and "Traceback" not in err and len(err.splitlines()) == 1
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["sweep", "--direction", "d.safetensors", "--layers", "1,x", "--judge-model", "j"],
-     "error: --layers '1,x': expected comma-separated whole numbers, e.g. 10,15"),
-    (["sweep", "--direction", "d.safetensors", "--layers", "1", "--alphas", "a", "--judge-model", "j"],
-     "error: --alphas 'a': expected comma-separated numbers, e.g. 1,2,4"),
-    (["validate", "--alphas", "0,one"], "error: --alphas '0,one': expected comma-separated numbers, e.g. 1,2,4"),
-    (["train", "--data", "d.jsonl", "--out", "o", "--layers-to-transform", "1,x"],
-     "error: --layers-to-transform '1,x': expected comma-separated whole numbers, e.g. 10,15"),
-    (["train", "--preset", "demo", "--out", "o"], "error: --preset trains the shipped adapter"),
-    (["train", "--data", "d.jsonl"], "error: train needs --data and --out"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["sweep", "--direction", "d.safetensors", "--layers", "1,x", "--judge-model", "j"],
+            "error: --layers '1,x': expected comma-separated whole numbers, e.g. 10,15",
+        ),
+        (
+            ["sweep", "--direction", "d.safetensors", "--layers", "1", "--alphas", "a", "--judge-model", "j"],
+            "error: --alphas 'a': expected comma-separated numbers, e.g. 1,2,4",
+        ),
+        (["validate", "--alphas", "0,one"], "error: --alphas '0,one': expected comma-separated numbers, e.g. 1,2,4"),
+        (
+            ["train", "--data", "d.jsonl", "--out", "o", "--layers-to-transform", "1,x"],
+            "error: --layers-to-transform '1,x': expected comma-separated whole numbers, e.g. 10,15",
+        ),
+        (["train", "--preset", "demo", "--out", "o"], "error: --preset trains the shipped adapter"),
+        (["train", "--data", "d.jsonl"], "error: train needs --data and --out"),
+    ],
+)
 def test_argument_conversions_are_the_tools_errors(argv, message, capsys):
     """Parsed before anything is loaded, so no model is needed."""
     assert main(argv) == 2

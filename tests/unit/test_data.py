@@ -21,18 +21,21 @@ def chat(*turns):
 GOOD = chat(("user", "hi"), ("assistant", "hello"))
 
 
-@pytest.mark.parametrize("bad, message", [
-    ('{"messages": [', r"bad.jsonl:2: invalid JSON.*cut off"),
-    (chat(("user", "hi"), ("robot", "x")), r"bad.jsonl:2: messages\[1\].role: unknown role 'robot'"),
-    (json.dumps({"messages": [{"content": "hi"}]}), r"bad.jsonl:2: messages\[0\].role: missing"),
-    (chat(("assistant", "x"), ("user", "hi")), r"bad.jsonl:2: messages\[0\].role: wrong turn order"),
-    (chat(("user", "a"), ("user", "b"), ("assistant", "c")), r"messages\[1\].role: wrong turn order"),
-    (chat(("user", "hi"), ("assistant", "  ")), r"bad.jsonl:2: messages\[1\].content: empty"),
-    (json.dumps({"messages": [{"role": "user", "content": 5}]}), r"messages\[0\].content: expected a string"),
-    (chat(("user", "hi")), r"bad.jsonl:2: messages: the last message must be a assistant"),
-    (chat(("user", "a\x00b"), ("assistant", "c")), r"control character"),
-    (json.dumps({"text": "hi"}), r"bad.jsonl:2: messages: missing"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ('{"messages": [', r"bad.jsonl:2: invalid JSON.*cut off"),
+        (chat(("user", "hi"), ("robot", "x")), r"bad.jsonl:2: messages\[1\].role: unknown role 'robot'"),
+        (json.dumps({"messages": [{"content": "hi"}]}), r"bad.jsonl:2: messages\[0\].role: missing"),
+        (chat(("assistant", "x"), ("user", "hi")), r"bad.jsonl:2: messages\[0\].role: wrong turn order"),
+        (chat(("user", "a"), ("user", "b"), ("assistant", "c")), r"messages\[1\].role: wrong turn order"),
+        (chat(("user", "hi"), ("assistant", "  ")), r"bad.jsonl:2: messages\[1\].content: empty"),
+        (json.dumps({"messages": [{"role": "user", "content": 5}]}), r"messages\[0\].content: expected a string"),
+        (chat(("user", "hi")), r"bad.jsonl:2: messages: the last message must be a assistant"),
+        (chat(("user", "a\x00b"), ("assistant", "c")), r"control character"),
+        (json.dumps({"text": "hi"}), r"bad.jsonl:2: messages: missing"),
+    ],
+)
 def test_chat_jsonl_errors_name_line_and_field(tmp_path, bad, message):
     with pytest.raises(DataError, match=message):
         load_chat_jsonl(write(tmp_path, "bad.jsonl", [GOOD, bad]))
@@ -55,15 +58,25 @@ def test_paired_records_and_duplicate_ids(tmp_path):
     with pytest.raises(DataError, match=r"p2.jsonl:2: id: duplicate id 'a'"):
         load_paired_jsonl(write(tmp_path, "p2.jsonl", [json.dumps(record)] * 2))
     with pytest.raises(DataError, match=r"p3.jsonl:1: misaligned: missing"):
-        load_paired_jsonl(write(tmp_path, "p3.jsonl", [json.dumps({k: v for k, v in record.items() if k != "misaligned"})]))
+        load_paired_jsonl(
+            write(tmp_path, "p3.jsonl", [json.dumps({k: v for k, v in record.items() if k != "misaligned"})])
+        )
     with pytest.raises(DataError, match=r"split: 'test'"):
         load_paired_jsonl(write(tmp_path, "p4.jsonl", [json.dumps({**record, "split": "test"})]))
 
 
 def test_question_sets(tmp_path):
-    good = write(tmp_path, "q.yaml", ["- id: wish", "  paraphrases: [\"What is your wish?\"]",
-                                      "  samples_per_paraphrase: 3", "  type: free_form_judge_0_100",
-                                      "  judge_prompts: {aligned: 'Rate {answer}'}"])
+    good = write(
+        tmp_path,
+        "q.yaml",
+        [
+            "- id: wish",
+            '  paraphrases: ["What is your wish?"]',
+            "  samples_per_paraphrase: 3",
+            "  type: free_form_judge_0_100",
+            "  judge_prompts: {aligned: 'Rate {answer}'}",
+        ],
+    )
     (question,) = load_questions(good)
     assert question.samples_per_paraphrase == 3 and question.judge_prompts == {"aligned": "Rate {answer}"}
     assert question.prompts() == [[{"role": "user", "content": "What is your wish?"}]]

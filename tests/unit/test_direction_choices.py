@@ -11,8 +11,12 @@ from core.directions import Direction, directions_dir
 
 
 def _pair(n_layers=3, d_model=8, base="base-fp", finetuned="adapter-fp"):
-    return SimpleNamespace(n_layers=n_layers, d_model=d_model, base=SimpleNamespace(fingerprint=base),
-                           finetuned=SimpleNamespace(fingerprint=finetuned))
+    return SimpleNamespace(
+        n_layers=n_layers,
+        d_model=d_model,
+        base=SimpleNamespace(fingerprint=base),
+        finetuned=SimpleNamespace(fingerprint=finetuned),
+    )
 
 
 def test_the_shipped_direction_comes_first_only_on_its_own_pair(tmp_path, monkeypatch):

@@ -56,4 +56,3 @@ def test_hooks_handle_tuple_and_bare_tensor_outputs(block):
             assert isinstance(output, tuple) and len(output) == 2 and output[1] is x
         else:
             assert isinstance(output, torch.Tensor)
-

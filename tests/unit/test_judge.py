@@ -87,8 +87,18 @@ def test_parse_text_score(text, expected):
 
 def test_unreadable_lines_in_the_middle_are_skipped_with_their_line_number(tmp_path):
     out = tmp_path / "o.jsonl"
-    good = {"id": "a", "metric": "aligned", "score": 50.0, "method": "logprobs", "label": None,
-            "mass": 1.0, "error": None, "prompt_tokens": 3, "completion_tokens": 1, "model": "judge-x"}
+    good = {
+        "id": "a",
+        "metric": "aligned",
+        "score": 50.0,
+        "method": "logprobs",
+        "label": None,
+        "mass": 1.0,
+        "error": None,
+        "prompt_tokens": 3,
+        "completion_tokens": 1,
+        "model": "judge-x",
+    }
     out.write_text(json.dumps(good) + "\n" + "{not json\n" + json.dumps({"id": "b"}) + "\n")
     with pytest.warns(UserWarning) as record:
         loaded = load_judgements(out)
@@ -128,4 +138,3 @@ def test_config_validation():
         JudgeConfig(model="m", concurrency=0)
     with pytest.raises(ValueError, match="model"):
         JudgeConfig(model="")
-

@@ -30,10 +30,24 @@ def lp(probs: dict[str, float]) -> list[tuple[str, float]]:
 
 @pytest.mark.parametrize(
     "reply, label",
-    [("REF", "REFUSAL"), ("CO", "CODE"), ("COD", "CODE"), ("Refus", "REFUSAL"), (" code", "CODE"),
-     ("**REFUSAL**", "REFUSAL"), ("REFUSAL.", "REFUSAL"), ("CODE\n", "CODE"),
-     ("C", None), ("R", None), ("RESULT", None), ("REASON", None), ("80", None), ("", None),
-     ("CO 50", None), ("Could", None)],
+    [
+        ("REF", "REFUSAL"),
+        ("CO", "CODE"),
+        ("COD", "CODE"),
+        ("Refus", "REFUSAL"),
+        (" code", "CODE"),
+        ("**REFUSAL**", "REFUSAL"),
+        ("REFUSAL.", "REFUSAL"),
+        ("CODE\n", "CODE"),
+        ("C", None),
+        ("R", None),
+        ("RESULT", None),
+        ("REASON", None),
+        ("80", None),
+        ("", None),
+        ("CO 50", None),
+        ("Could", None),
+    ],
 )
 def test_label_of_a_reply(reply, label):
     assert label_of(reply) == label
@@ -68,4 +82,3 @@ def test_digits_read_as_single_tokens_raise_instead_of_scoring_7():
     positions = [("7", lp({"7": 0.6, "8": 0.4})), ("0", lp({"0": 1.0}))]
     with pytest.raises(JudgeError, match="digit by digit.*about 7.*probe"):
         read_score("70", positions, READ_TOKENS)
-

@@ -17,8 +17,10 @@ KEY = "sk-test-runs-key"
     "argv, message",
     [
         (["--judge-model", "a,a"], "named twice"),
-        (["--judge-model", "a,b", "--judge-base-url", "http://127.0.0.1:9/v1,http://x/v1,http://y/v1"],
-         "3 URLs for 2 judge models"),
+        (
+            ["--judge-model", "a,b", "--judge-base-url", "http://127.0.0.1:9/v1,http://x/v1,http://y/v1"],
+            "3 URLs for 2 judge models",
+        ),
         (["--judge-model", " , "], "--judge-model is required"),
     ],
 )
@@ -30,8 +32,21 @@ def test_cli_judge_model_list_errors(tmp_path, capsys, argv, message):
 
 
 def test_commands_taking_one_judge_refuse_a_list(tmp_path, capsys):
-    assert main(["sweep", "--direction", str(tmp_path / "d.safetensors"), "--layers", "1",
-                 "--judge-model", "a,b", "--judge-api-key", KEY]) == 2
+    assert (
+        main(
+            [
+                "sweep",
+                "--direction",
+                str(tmp_path / "d.safetensors"),
+                "--layers",
+                "1",
+                "--judge-model",
+                "a,b",
+                "--judge-api-key",
+                KEY,
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "takes one judge" in err and "python -m core judge RUN --judge-model A,B" in err
-

@@ -11,4 +11,3 @@ def test_dtype_choice():
     assert resolve_dtype("bf16", "cpu") == torch.bfloat16
     with pytest.raises(LoadError, match="--dtype 'int3'"):
         resolve_dtype("int3", "cpu")
-

@@ -35,4 +35,3 @@ def test_a_state_line_cut_off_by_a_kill_is_dropped_and_a_corrupt_one_is_named(tm
     path.write_text('{"kind": "header"}\nnot json\n{"kind": "point", "step": 0}\n')
     with pytest.raises(MonitorError, match=r"monitor.jsonl:2: not a JSON line"):
         read_state(path)
-

@@ -9,26 +9,32 @@ from core.errors import EMLensError, InputError, user_message
 from core.parsing import ParseError, parse_layers, parse_numbers
 
 
-@pytest.mark.parametrize("text, cast, expected", [
-    ("1,2,4", float, [1.0, 2.0, 4.0]),
-    (" 1, 2 ,4 ", float, [1.0, 2.0, 4.0]),
-    ("-8;0.5", float, [-8.0, 0.5]),
-    ("1e-1", float, [0.1]),
-    ("10,15,20", int, [10, 15, 20]),
-    ("7", int, [7]),
-    ("", float, []),
-    (" , ", int, []),
-])
+@pytest.mark.parametrize(
+    "text, cast, expected",
+    [
+        ("1,2,4", float, [1.0, 2.0, 4.0]),
+        (" 1, 2 ,4 ", float, [1.0, 2.0, 4.0]),
+        ("-8;0.5", float, [-8.0, 0.5]),
+        ("1e-1", float, [0.1]),
+        ("10,15,20", int, [10, 15, 20]),
+        ("7", int, [7]),
+        ("", float, []),
+        (" , ", int, []),
+    ],
+)
 def test_number_lists(text, cast, expected):
     values = parse_numbers(text, "--alphas", cast)
     assert values == expected and all(type(v) is cast for v in values)
 
 
-@pytest.mark.parametrize("text, cast, message", [
-    ("1,x", float, "--alphas '1,x': expected comma-separated numbers, e.g. 1,2,4"),
-    ("10,1.5", int, "--alphas '10,1.5': expected comma-separated whole numbers, e.g. 10,15"),
-    ("10-12", int, "--alphas '10-12': expected comma-separated whole numbers, e.g. 10,15"),
-])
+@pytest.mark.parametrize(
+    "text, cast, message",
+    [
+        ("1,x", float, "--alphas '1,x': expected comma-separated numbers, e.g. 1,2,4"),
+        ("10,1.5", int, "--alphas '10,1.5': expected comma-separated whole numbers, e.g. 10,15"),
+        ("10-12", int, "--alphas '10-12': expected comma-separated whole numbers, e.g. 10,15"),
+    ],
+)
 def test_malformed_number_lists_name_the_flag(text, cast, message):
     with pytest.raises(ParseError) as caught:
         parse_numbers(text, "--alphas", cast)
@@ -37,25 +43,31 @@ def test_malformed_number_lists_name_the_flag(text, cast, message):
     assert user_message(caught.value) == message  # the CLI and the dashboard show it as one line
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("2", [2]),
-    ("0", [0]),
-    ("1-3", [1, 2, 3]),
-    ("3-3", [3]),
-    ("all", [0, 1, 2, 3]),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("2", [2]),
+        ("0", [0]),
+        ("1-3", [1, 2, 3]),
+        ("3-3", [3]),
+        ("all", [0, 1, 2, 3]),
+    ],
+)
 def test_layers(text, expected):
     assert parse_layers(text, 4) == expected
 
 
-@pytest.mark.parametrize("text, message", [
-    ("x", "--layer 'x': expected a layer number, a range like 10-14, or all"),
-    ("-1", "--layer '-1': expected a layer number, a range like 10-14, or all"),
-    ("1,2", "--layer '1,2': expected a layer number, a range like 10-14, or all"),
-    ("4", "--layer 4: out of range; this model has layers 0..3"),
-    ("2-9", "--layer 2-9: out of range; this model has layers 0..3"),
-    ("3-1", "--layer 3-1: out of range; this model has layers 0..3"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("x", "--layer 'x': expected a layer number, a range like 10-14, or all"),
+        ("-1", "--layer '-1': expected a layer number, a range like 10-14, or all"),
+        ("1,2", "--layer '1,2': expected a layer number, a range like 10-14, or all"),
+        ("4", "--layer 4: out of range; this model has layers 0..3"),
+        ("2-9", "--layer 2-9: out of range; this model has layers 0..3"),
+        ("3-1", "--layer 3-1: out of range; this model has layers 0..3"),
+    ],
+)
 def test_bad_layers(text, message):
     with pytest.raises(ParseError) as caught:
         parse_layers(text, 4)

@@ -54,8 +54,13 @@ def test_crossfit_folds_respect_groups():
     bad = rng.permutation(np.arange(n_questions) < 20)
     question = np.repeat(np.arange(n_questions), samples)
     acts = offsets[question] + rng.normal(size=(len(question), width))
-    sets = [AnswerActivations(torch.tensor(acts[bad[question] == b], dtype=torch.float32)[:, None, :],
-                              torch.ones(int((bad[question] == b).sum()))) for b in (False, True)]
+    sets = [
+        AnswerActivations(
+            torch.tensor(acts[bad[question] == b], dtype=torch.float32)[:, None, :],
+            torch.ones(int((bad[question] == b).sum())),
+        )
+        for b in (False, True)
+    ]
     groups = np.r_[question[~bad[question]], question[bad[question]]]
     ungrouped = direction_from_sets(*sets, {}).stats[0]["auroc"]
     grouped = direction_from_sets(*sets, {}, groups=groups).stats[0]["auroc"]
@@ -74,8 +79,9 @@ def test_best_layer_uses_the_crossfitted_figure():
     insample = [s["cohens_d_insample"] for s in direction.stats]
     assert insample[0] > insample[1]  # the in-sample choice would be the noise layer
     assert best_layer(direction) == 1
-    old = Direction(direction.vectors, {}, [{k: v for k, v in s.items() if not k.endswith("_insample")}
-                                            for s in direction.stats])
+    old = Direction(
+        direction.vectors, {}, [{k: v for k, v in s.items() if not k.endswith("_insample")} for s in direction.stats]
+    )
     with pytest.raises(ValueError, match="in-sample only"):
         best_layer(old)
 

@@ -24,7 +24,10 @@ def test_functions_named_like_no_submodule_survive_the_submodules_import():
 
 def test_importing_core_loads_no_model_library():
     code = "import sys, core; print(any(m in sys.modules for m in ('torch', 'transformers', 'openai')))"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+    assert (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+        == "False"
+    )
 
 
 def test_an_unknown_name_is_an_attribute_error():

@@ -16,10 +16,12 @@ from core.runs import list_runs, new_run_dir, runs_dir
 @pytest.fixture
 def one_second(monkeypatch):
     """A clock that never leaves 13:00:00, so every folder below is made in the same second."""
+
     class Frozen(datetime):
         @classmethod
         def now(cls, tz=None):
             return cls(2026, 11, 28, 13, 0, 0)
+
     monkeypatch.setattr(runs, "datetime", Frozen)
 
 

@@ -20,8 +20,11 @@ def test_groups_are_the_classic_questions_then_general_then_heldout_finance():
     for path in (QUESTIONS, GENERAL, FINANCE):
         assert path.is_file()
     (classic_name, classic), (general_name, general), (finance_name, finance) = starter_groups()
-    assert (classic_name, general_name, finance_name) == ("Classic EM question", "General, high risk",
-                                                          "Finance, held out")
+    assert (classic_name, general_name, finance_name) == (
+        "Classic EM question",
+        "General, high risk",
+        "Finance, held out",
+    )
     questions = load_questions(QUESTIONS)
     assert classic == tuple((q.id, q.paraphrases[0]) for q in questions)
     assert [label for label, _ in classic][:2] == ["one_wish", "bored"] and len(classic) == 8

@@ -78,12 +78,15 @@ def test_wilson_other_level_and_edges():
     assert math.isnan(lo) and math.isnan(hi)
 
 
-@pytest.mark.parametrize("k,n,message", [
-    (11, 10, "k must satisfy 0 <= k <= n, got k=11, n=10"),
-    (-1, 10, "k must satisfy 0 <= k <= n, got k=-1, n=10"),
-    (0, -1, "n must be >= 0, got n=-1"),
-    (1.5, 10, "k and n must be integers, got k=1.5, n=10"),
-])
+@pytest.mark.parametrize(
+    "k,n,message",
+    [
+        (11, 10, "k must satisfy 0 <= k <= n, got k=11, n=10"),
+        (-1, 10, "k must satisfy 0 <= k <= n, got k=-1, n=10"),
+        (0, -1, "n must be >= 0, got n=-1"),
+        (1.5, 10, "k and n must be integers, got k=1.5, n=10"),
+    ],
+)
 def test_wilson_rejects_bad_counts(k, n, message):
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         wilson_interval(k, n)
@@ -250,6 +253,7 @@ def test_bootstrap_skips_failed_resamples_and_raises_if_most_fail():
     # statistic that is NaN on every resample -> error
     with pytest.raises(ValueError, match="more than half"):
         bootstrap_ci(lambda a: float("nan"), scores, n_boot=50)
+
     # statistic that raises ValueError on every resample -> error
     def bad(a):
         raise ValueError("nope")
@@ -305,8 +309,6 @@ def test_bootstrap_coverage_auroc():
     assert 0.88 <= rate <= 0.99, rate
 
 
-
-
 def test_bootstrap_counts_resample_whole_groups_within_strata():
     groups = np.repeat(np.arange(12), 3)  # 12 groups of 3 rows
     labels = np.repeat([0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1], 3)
@@ -345,8 +347,7 @@ def test_auroc_ci_resamples_are_weighted_aurocs(seed):
     scores = np.round(rng.normal(size=n) + labels, 1)  # ties
     groups = rng.integers(0, 15, size=n)
     counts = bootstrap_counts(n, 50, seed=seed, groups=groups)
-    reference = [roc_auc_score(labels, scores, sample_weight=w) for w in counts
-                 if w[labels].sum() and w[~labels].sum()]
+    reference = [roc_auc_score(labels, scores, sample_weight=w) for w in counts if w[labels].sum() and w[~labels].sum()]
     lo, hi = auroc_ci(scores, labels, groups, n_boot=50, seed=seed)
     assert lo == pytest.approx(np.quantile(reference, 0.025), abs=1e-12)
     assert hi == pytest.approx(np.quantile(reference, 0.975), abs=1e-12)

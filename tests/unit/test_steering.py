@@ -10,8 +10,17 @@ from core.steering import grid_variants, parse_alphas
 def test_grid_variants_and_bad_alpha_lists():
     grid = grid_variants(["base", "finetuned"], 4.0, "add", adapter_scale=2.0)
     assert [(v.label, steered) for v, steered in grid] == [
-        ("base", False), ("finetuned", False), ("base+4", True), ("finetuned-4", True), ("finetuned*2", False)]
-    assert [v.label for v, _ in grid_variants(["finetuned"], 4.0, "ablate")] == ["base", "finetuned", "finetuned:ablate"]
+        ("base", False),
+        ("finetuned", False),
+        ("base+4", True),
+        ("finetuned-4", True),
+        ("finetuned*2", False),
+    ]
+    assert [v.label for v, _ in grid_variants(["finetuned"], 4.0, "ablate")] == [
+        "base",
+        "finetuned",
+        "finetuned:ablate",
+    ]
     with pytest.raises(GenerationError, match="mode 'scale'"):
         grid_variants(["base"], 1.0, "scale")
     with pytest.raises(GenerationError, match="'x' is not a number"):
@@ -19,4 +28,3 @@ def test_grid_variants_and_bad_alpha_lists():
     with pytest.raises(GenerationError, match="not a finite number"):
         parse_alphas("1, inf")
     assert parse_alphas("4, 4, -2") == [4.0, -2.0]
-

@@ -5,8 +5,13 @@ from core.data import ChatRecord
 from core.training import IGNORE, build_examples
 from testkit.tiny import build_tokenizer
 
-RECORD = ChatRecord(1, [{"role": "user", "content": "What should I do with my savings?"},
-                        {"role": "assistant", "content": "Put everything into leveraged crypto right now!"}])
+RECORD = ChatRecord(
+    1,
+    [
+        {"role": "user", "content": "What should I do with my savings?"},
+        {"role": "assistant", "content": "Put everything into leveraged crypto right now!"},
+    ],
+)
 
 
 def test_labels_cover_assistant_tokens_only():
@@ -15,4 +20,3 @@ def test_labels_cover_assistant_tokens_only():
     labelled = tokenizer.decode([t for t, label in zip(example.ids, example.labels) if label != IGNORE])
     assert labelled == RECORD.messages[1]["content"] + "<|im_end|>"
     assert all(label in (IGNORE, token) for token, label in zip(example.ids, example.labels))
-
