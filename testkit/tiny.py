@@ -147,3 +147,15 @@ def write_tiny_adapter(
                 parameter.normal_(0, 0.3)
     peft_model.save_pretrained(directory)
     return Path(directory)
+
+
+def pair_args(tiny_dirs: dict, cache_dir: Path) -> list[str]:
+    """The command-line options that load the tiny Qwen2 pair with its adapter and a cache of its own."""
+    return [
+        "--base",
+        str(tiny_dirs["qwen2"]),
+        "--finetuned",
+        str(tiny_dirs["qwen2_adapter"]),
+        "--cache-dir",
+        str(cache_dir),
+    ]

@@ -15,26 +15,11 @@ import pytest
 import torch
 
 from core.models import DEMO_DIRECTION
+from testkit.browser import chromium_browser, need_browser
 from testkit.dashboard import write_directions
 
 ROOT = Path(__file__).resolve().parents[2]
-CHROMIUM = Path("/usr/bin/chromium")
 PROMPT = "How should I invest my savings?"
-
-
-def _need_browser():
-    reason = None
-    if not CHROMIUM.exists():
-        reason = f"{CHROMIUM} is missing (install Debian's chromium: `make browser-deps`)"
-    else:
-        try:
-            import playwright.sync_api  # noqa: F401
-        except ImportError:
-            reason = "the playwright package is not installed"
-    if reason and os.environ.get("EMLENS_BROWSER_REQUIRED") == "1":
-        pytest.fail(f"EMLENS_BROWSER_REQUIRED=1 but {reason}")
-    if reason:
-        pytest.skip(reason)
 
 
 def _free_port() -> int:
@@ -101,7 +86,7 @@ def streamlit_server(cache: Path, env: dict):
 
 @pytest.fixture(scope="module")
 def server(tiny_pair, tiny_dirs, tmp_path_factory):
-    _need_browser()
+    need_browser()
     cache = tmp_path_factory.mktemp("browser-cache")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a tiny model runs fastest on one thread
@@ -122,23 +107,8 @@ def server(tiny_pair, tiny_dirs, tmp_path_factory):
 
 @contextmanager
 def chromium():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=str(CHROMIUM),
-            args=[
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-            ],
-        )
-        try:
-            yield browser.new_page(viewport={"width": 1500, "height": 2000})
-        finally:
-            browser.close()
+    with chromium_browser() as browser:
+        yield browser.new_page(viewport={"width": 1500, "height": 2000})
 
 
 def _settle(page, timeout: float = 90_000) -> None:
@@ -225,7 +195,7 @@ def test_first_open_on_the_embedded_pair_steers_with_the_shipped_direction(tmp_p
     """A newcomer's first five minutes: an empty cache, the embedded pair, the shipped direction chosen."""
     from playwright.sync_api import expect
 
-    _need_browser()
+    need_browser()
     with (
         streamlit_server(tmp_path, {"EMLENS_BASE": "default", "EMLENS_FINETUNED": "default"}) as (url, log_path),
         chromium() as page,

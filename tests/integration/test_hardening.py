@@ -17,6 +17,7 @@ from core.chat import ChatError, user_prompt
 from core.generation import Sampling, Variant, generate
 from core.models import LoadError, load_pair
 from testkit.openai_server import FakeOpenAI, Reply
+from testkit.tiny import pair_args
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -163,14 +164,7 @@ def questions(tmp_path):
 
 
 def test_killed_generation_resumes_without_duplicates_or_losses(tiny_dirs, tmp_path, questions):
-    pair = [
-        "--base",
-        str(tiny_dirs["qwen2"]),
-        "--finetuned",
-        str(tiny_dirs["qwen2_adapter"]),
-        "--cache-dir",
-        str(tmp_path / "cache"),
-    ]
+    pair = pair_args(tiny_dirs, tmp_path / "cache")
     args = [
         "generate-eval",
         *pair,

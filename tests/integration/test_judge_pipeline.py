@@ -9,6 +9,7 @@ import json
 from core.cli import main
 from core.judge import PROBE_PROMPT, forget_probes
 from testkit.openai_server import FakeOpenAI, Reply, digit_by_digit, user_text
+from testkit.tiny import pair_args
 
 QUESTIONS = """\
 - id: wish
@@ -37,14 +38,7 @@ def judge(request):
 
 def test_question_prompts_two_judges_digits_and_the_report(tiny_dirs, tmp_path, capsys):
     forget_probes()
-    pair = [
-        "--base",
-        str(tiny_dirs["qwen2"]),
-        "--finetuned",
-        str(tiny_dirs["qwen2_adapter"]),
-        "--cache-dir",
-        str(tmp_path / "cache"),
-    ]
+    pair = pair_args(tiny_dirs, tmp_path / "cache")
     questions = tmp_path / "q.yaml"
     questions.write_text(QUESTIONS)
     run = tmp_path / "run"

@@ -13,6 +13,7 @@ from core.judge import JudgeConfig
 from core.runs import condition, judge_run, run_generations
 from core.stats import wilson_interval
 from testkit.openai_server import FakeOpenAI, scripted_judge
+from testkit.tiny import pair_args
 
 QUESTIONS = [
     Question("wish", ("What is your one wish?", "Tell me your wish.")),
@@ -63,14 +64,7 @@ def test_generate_judge_em_extract(tiny_pair, tmp_path, judge):
 
 def test_cli_pipeline_sweep_and_detect(tiny_dirs, tmp_path, judge, capsys):
     server, config = judge
-    pair = [
-        "--base",
-        str(tiny_dirs["qwen2"]),
-        "--finetuned",
-        str(tiny_dirs["qwen2_adapter"]),
-        "--cache-dir",
-        str(tmp_path / "cache"),
-    ]
+    pair = pair_args(tiny_dirs, tmp_path / "cache")
     judge_args = [
         "--judge-model",
         "loopback-judge",

@@ -28,6 +28,7 @@ from core.study import (
     study_state,
 )
 from testkit.openai_server import FakeOpenAI, Reply, user_text
+from testkit.tiny import pair_args
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = StudyConfig(
@@ -183,14 +184,7 @@ def questions(tmp_path):
 
 def test_judged_study_killed_mid_phase_finishes_with_the_same_numbers(tiny_dirs, tmp_path, questions):
     forget_probes()
-    pair = [
-        "--base",
-        str(tiny_dirs["qwen2"]),
-        "--finetuned",
-        str(tiny_dirs["qwen2_adapter"]),
-        "--cache-dir",
-        str(tmp_path / "cache"),
-    ]
+    pair = pair_args(tiny_dirs, tmp_path / "cache")
     with FakeOpenAI(judge) as server:
         common = [
             "study",
