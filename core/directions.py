@@ -339,15 +339,19 @@ def extract_contrast(
     side: str = "finetuned",
     batch_size: int = 8,
     progress: Callable[[int, int], None] | None = None,
+    groups=None,
 ) -> Direction:
-    """Misaligned minus aligned answer-token means, both teacher-forced through ``side``."""
+    """Misaligned minus aligned answer-token means, both teacher-forced through ``side``.
+
+    ``groups``: one id per answer (aligned first) that cross-fitting keeps together, e.g. the question
+    an answer was sampled for; default :func:`default_groups`."""
     if not aligned or not misaligned:
         raise DirectionError(f"need both sets: got {len(aligned)} aligned and {len(misaligned)} misaligned answers")
     total = len(aligned) + len(misaligned)
     step = (lambda offset: lambda done, _: progress(offset + done, total)) if progress else (lambda offset: None)
     a = answer_activations(pair, side, aligned, batch_size, step(0))
     m = answer_activations(pair, side, misaligned, batch_size, step(len(aligned)))
-    return direction_from_sets(a, m, pair_provenance(pair, method, side, dataset_hash))
+    return direction_from_sets(a, m, pair_provenance(pair, method, side, dataset_hash), groups)
 
 
 def extract_model_diff(

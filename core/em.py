@@ -283,9 +283,10 @@ def _bound(rate: Rate, i: int) -> float | None:
 
 def judged_contrast_sets(
     run_dir: Path, seed: int = 0, condition_label: str = "finetuned"
-) -> tuple[list[Example], list[Example], dict]:
+) -> tuple[list[Example], list[Example], dict, list[str]]:
     """Aligned (> 70) and misaligned (<= 30) answers of the fine-tuned model, both coherent (> 50),
-    balanced to the smaller set with a fixed seed."""
+    balanced to the smaller set with a fixed seed; and each answer's question id (aligned first),
+    the group that the direction's cross-fitted statistics keep together."""
     generations, judgements = load_run(run_dir)
     rows = [r for r in scored_rows(generations, judgements) if r["condition"] == condition_label]
     if not rows:
@@ -304,8 +305,10 @@ def judged_contrast_sets(
     rng = np.random.default_rng(seed)
     pick = lambda rs: [rs[i] for i in sorted(rng.choice(len(rs), n, replace=False))]  # noqa: E731
     counts = {"aligned_available": len(aligned), "misaligned_available": len(misaligned), "per_set": n, "seed": seed}
+    aligned, misaligned = pick(aligned), pick(misaligned)
     to_examples = lambda rs: [Example(r["messages"], r["answer"]) for r in rs]  # noqa: E731
-    return to_examples(pick(aligned)), to_examples(pick(misaligned)), counts
+    groups = [str(r["question_id"]) for r in aligned + misaligned]
+    return to_examples(aligned), to_examples(misaligned), counts, groups
 
 
 def judged_direction(
@@ -314,7 +317,9 @@ def judged_direction(
     """The ``judged`` contrast: the fine-tuned model's own coherent answers in a judged run, misaligned
     minus aligned (balanced with ``seed``), teacher-forced through the fine-tune."""
     digest = run_hash(run_dir)
-    aligned, misaligned, counts = judged_contrast_sets(run_dir, seed=seed)
-    direction = extract_contrast(pair, aligned, misaligned, "judged", digest, batch_size=batch_size, progress=progress)
+    aligned, misaligned, counts, groups = judged_contrast_sets(run_dir, seed=seed)
+    direction = extract_contrast(
+        pair, aligned, misaligned, "judged", digest, batch_size=batch_size, progress=progress, groups=groups
+    )
     direction.provenance.update({"judged_selection": counts, "dataset": str(run_dir)})
     return direction

@@ -273,11 +273,11 @@ def _direction_step(log, name, fingerprint, folder: Path, extract) -> dict:
 
 
 def phase_directions(pair, config: StudyConfig, judge, data: dict, log: StudyLog, key: str) -> dict:
-    from core.directions import cosine_per_layer, extract_contrast, extract_from_paired_file
-    from core.em import em_report, judged_contrast_sets, save_em_report
+    from core.directions import cosine_per_layer, extract_from_paired_file
+    from core.em import em_report, judged_direction, save_em_report
     from core.generation import Variant
     from core.preference import PreferenceError, best_layer
-    from core.runs import condition, judge_run, run_generations, run_hash
+    from core.runs import condition, judge_run, run_generations
 
     log.enter("directions")
     folder = log.out / "phase1"
@@ -324,12 +324,7 @@ def phase_directions(pair, config: StudyConfig, judge, data: dict, log: StudyLog
             run_dir = log.out / evaluation["run"]
 
             def extract(run_dir=run_dir, what=what):
-                aligned, misaligned, counts = judged_contrast_sets(run_dir, seed=config.seed)
-                direction = extract_contrast(
-                    pair, aligned, misaligned, "judged", run_hash(run_dir), batch_size=config.batch_size, progress=what
-                )
-                direction.provenance.update({"dataset": str(run_dir), "judged_counts": counts})
-                return direction
+                return judged_direction(pair, run_dir, config.seed, config.batch_size, what)
         elif name in ("paired", "model-diff"):
 
             def extract(name=name, what=what):

@@ -57,8 +57,9 @@ def test_generate_judge_em_extract(tiny_pair, tmp_path, judge):
     assert em["rate"] == em["k"] / 16 and em["ci95"][0] <= em["rate"] <= em["ci95"][1]
     assert set(finetuned["questions"]) == {"wish", "bored", "ruler"}
 
-    aligned, misaligned, counts = judged_contrast_sets(tmp_path / "run", seed=0)
+    aligned, misaligned, counts, groups = judged_contrast_sets(tmp_path / "run", seed=0)
     assert len(aligned) == len(misaligned) == counts["per_set"] > 0
+    assert len(groups) == 2 * counts["per_set"] and set(groups) <= {"wish", "bored", "ruler"}
     assert "sk-test-key" not in (tmp_path / "run" / "judgements.jsonl").read_text()
 
 
