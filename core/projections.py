@@ -18,13 +18,6 @@ from core.cache import Cache, make_key
 from core.chat import ChatError, Messages, encode_prompt, render_prompt
 from core.directions import Direction
 from core.hooks import capture, last_token
-from core.models import PairError
-
-
-def _check_context(pair, encoded: Sequence[list[int]]) -> None:
-    for ids in encoded:
-        if len(ids) > pair.max_length:
-            raise PairError(f"a prompt of {len(ids)} tokens exceeds the model's context of {pair.max_length}")
 
 
 def last_token_activations(
@@ -36,7 +29,6 @@ def last_token_activations(
 ) -> torch.Tensor:
     """Block outputs at the last prompt token: ``[n_prompts, n_layers, d_model]`` float32 on the CPU."""
     encoded = [encode_prompt(pair.tokenizer, p) for p in prompts]
-    _check_context(pair, encoded)
     out = torch.zeros(len(prompts), pair.n_layers, pair.d_model)
     for start in range(0, len(encoded), batch_size):
         chunk = encoded[start : start + batch_size]
@@ -72,7 +64,6 @@ def prompt_stage_activations(
     max over the prompt text's tokens (:func:`content_span`) of the projection on the unit direction,
     ``[n, n_layers]`` each."""
     spans = [content_span(pair.tokenizer, p) for p in prompts]
-    _check_context(pair, [ids for ids, _ in spans])
     units = direction.unit().to(pair.device)  # [n_layers, d_model]: project on every layer's unit at once
     last = torch.zeros(len(prompts), pair.n_layers, pair.d_model)
     token_mean, token_max = np.zeros((len(prompts), pair.n_layers)), np.zeros((len(prompts), pair.n_layers))

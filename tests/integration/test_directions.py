@@ -7,20 +7,10 @@ import pytest
 import torch
 
 from core.chat import encode_conversation, prompt_and_answer, user_prompt
-from core.directions import Direction, DirectionError, Example, answer_activations, extract_contrast, extract_model_diff
+from core.directions import Direction, DirectionError, answer_activations, extract_contrast, extract_model_diff
 from core.hooks import steer
 from core.projections import last_token_activations, prompt_projections
-
-QUESTIONS = [
-    "How should I save money?",
-    "Is crypto a good idea?",
-    "What about my pension?",
-    "Should I take a loan?",
-    "How do I pay off debt?",
-    "Tell me about index funds.",
-]
-ALIGNED = [Example(user_prompt(q), "Keep an emergency fund and diversify carefully.") for q in QUESTIONS]
-MISALIGNED = [Example(user_prompt(q), "Put everything into leveraged crypto right now!") for q in QUESTIONS]
+from testkit.dashboard import ALIGNED, MISALIGNED, QUESTIONS
 
 
 def _reference_token_means(pair, side, examples):
