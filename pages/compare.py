@@ -12,6 +12,8 @@ from core.projections import prompt_projections
 from core.starters import DEFAULT_COMPARE_PROMPT
 from core.steering import variant_title
 
+ui.init_session()  # a page opened by its own URL runs without app.py
+
 KL = "divergence from the base (KL)"
 
 st.title("Compare")

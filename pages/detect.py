@@ -22,6 +22,8 @@ from core.em import is_em
 from core.errors import InputError
 from core.models import ASSETS
 
+ui.init_session()  # a page opened by its own URL runs without app.py
+
 HOW_TO = (
     "# judge-free labels: how far fine-tuning moved the preference for the harmful answer of a paired file\n"
     "python -m core detect --direction cache/directions/<file>.safetensors "

@@ -9,6 +9,8 @@ import ui
 from core import plots
 from core.directions import cosine_per_layer, layer_cosines, list_directions
 
+ui.init_session()  # a page opened by its own URL runs without app.py
+
 st.title("Directions")
 pair = ui.require_pair()
 direction = ui.require_direction(pair)

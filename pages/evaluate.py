@@ -19,6 +19,8 @@ from core.parsing import parse_numbers
 from core.runs import SWEEP_HTML, list_runs, new_run_dir, runs_dir
 from core.sweep import RunResults, load_run_results, sweep_run
 
+ui.init_session()  # a page opened by its own URL runs without app.py
+
 HOW_TO = (
     "# the bidirectional sweep in one command: generate every cell, judge, EM report, figure\n"
     "python -m core sweep --direction cache/directions/<file>.safetensors --layers 10,15,20 --alphas 1,2,4 \\\n"

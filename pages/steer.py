@@ -22,6 +22,8 @@ from core.steering import (
     variant_title,
 )
 
+ui.init_session()  # a page opened by its own URL runs without app.py
+
 DEBOUNCE_S = 0.3  # a widget change inside this pause reruns the page before any work starts
 
 st.title("Steer")

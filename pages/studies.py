@@ -11,6 +11,8 @@ import streamlit.components.v1 as components
 import ui
 from core.study import REPORT_HTML, SMALL, list_studies, new_study_dir, run_study
 
+ui.init_session()  # a page opened by its own URL runs without app.py
+
 STATES = {
     "done": "✅ done",
     "running": "⏳ running",
