@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -132,6 +133,24 @@ def _answers(page, count: int) -> list[str]:
     return texts.all_inner_texts()
 
 
+def _finished_grid(page, max_new_tokens: int, timeout: float = 120.0) -> list[str]:
+    """The five Steer answers once the run for ``max_new_tokens`` has finished.
+
+    A finished grid captions every answer with its length; waiting for five captions within the limit
+    keeps a test from reading a grid that is still streaming beside the previous run's stale chart.
+    """
+    captions = page.get_by_text(re.compile(r"^\d+ tokens, stopped by"))
+    deadline = time.time() + timeout
+    while True:
+        lengths = [int(text.split()[0]) for text in captions.all_inner_texts()]
+        if len(lengths) == 5 and max(lengths) <= max_new_tokens:
+            _settle(page)
+            return _answers(page, 5)
+        if time.time() > deadline:
+            pytest.fail(f"the Steer grid did not finish a {max_new_tokens}-token run; captions show {lengths}")
+        time.sleep(0.5)
+
+
 def _move_alpha(page, presses: int, key: str = "ArrowLeft") -> None:
     alpha = page.get_by_role("slider").first
     alpha.focus()
@@ -178,12 +197,11 @@ def test_prompt_projection_answers_and_live_alpha_slider_in_chromium(server, art
         _open_steer(page, PROMPT, "16")
         # The projection chart is drawn once all five answers are complete.
         expect(page.get_by_test_id("stPlotlyChart").get_by_text("base + 4·d")).to_be_visible(timeout=60_000)
-        before = _answers(page, 5)
+        before = _finished_grid(page, 16)
         _move_alpha(page, 16)  # step 0.5: from +4 to -4, no Generate button
         expect(page.get_by_role("slider").first).to_have_value("-4")
         expect(page.get_by_test_id("stPlotlyChart").get_by_text("base − 4·d")).to_be_visible(timeout=60_000)
-        _settle(page)
-        after = _answers(page, 5)
+        after = _finished_grid(page, 16)
         page.screenshot(path=str(artifacts / "dashboard-steer.png"))
     assert after[:2] == before[:2], "the unsteered answers must not change with alpha (same seed)"
     assert after[2] != before[2] and after[3] != before[3], "the steered answers must change with alpha"
@@ -206,11 +224,10 @@ def test_first_open_on_the_embedded_pair_steers_with_the_shipped_direction(tmp_p
         expect(page.get_by_text("demo_direction").first).to_be_visible()  # chosen, nothing built
         _open_steer(page, None, "12")
         expect(page.get_by_test_id("stPlotlyChart").get_by_text("base + 4·d")).to_be_visible(timeout=120_000)
-        before = _answers(page, 5)
+        before = _finished_grid(page, 12)
         _move_alpha(page, 8, "ArrowRight")  # +4 -> +8
         expect(page.get_by_test_id("stPlotlyChart").get_by_text("base + 8·d")).to_be_visible(timeout=120_000)
-        _settle(page)
-        after = _answers(page, 5)
+        after = _finished_grid(page, 12)
         page.screenshot(path=str(artifacts / "first-open-steer.png"))
     assert after[:2] == before[:2] and after[2] != before[2]
     assert "Traceback" not in log_path.read_text()
