@@ -81,6 +81,7 @@ PRESETS = {
         "base": "default",
         "finetuned": "default",
         "config": StudyConfig(
+            n_train=150,
             n_heldout=40,
             n_general=96,
             layers=None,
