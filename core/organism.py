@@ -205,6 +205,7 @@ def validation_report(
         control = None
     key = make_key(
         "validate",
+        report_version=2,  # 2: the shift's interval
         base=pair.fingerprint("base"),
         finetuned=pair.fingerprint("finetuned"),
         control=adapter_fingerprint(Path(control)) if control else None,

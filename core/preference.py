@@ -22,7 +22,7 @@ from core.chat import encode_conversation, prompt_and_answer
 from core.data import PairedRecord
 from core.directions import Direction, Example, random_like
 from core.errors import InputError
-from core.hooks import fan_out
+from core.hooks import ablate, fan_out
 from core.stats import bootstrap_ci
 
 
@@ -50,12 +50,14 @@ def branched_answer_logprobs(
     shifts: Sequence[torch.Tensor | None] = (None,),
     batch_size: int = 16,
     progress: Callable[[int, int], None] | None = None,
+    hooks: Sequence[Callable] = (),
 ) -> tuple[np.ndarray, np.ndarray]:
     """Answer log-probabilities under several additions at one layer, in one pass per batch.
 
     Branch k adds ``shifts[k]`` (``None``: nothing) to block ``layer``'s output at every position;
-    the blocks before ``layer`` run once for all branches (``hooks.fan_out``). Logits are computed
-    at answer positions only. Returns sums ``[branches, examples]`` and token counts ``[examples]``.
+    the blocks before ``layer`` run once for all branches (``hooks.fan_out``). ``hooks`` (for
+    ``pair.run``) apply to every branch. Logits are computed at answer positions only. Returns sums
+    ``[branches, examples]`` and token counts ``[examples]``.
     """
     if layer is None and any(s is not None for s in shifts):
         raise PreferenceError("shifted branches need the layer to add them at")
@@ -64,7 +66,7 @@ def branched_answer_logprobs(
     sums, counts = np.zeros((copies, len(examples))), np.zeros(len(examples), dtype=int)
     rows_per_pass = max(1, batch_size // copies)  # the logits of every branch are held at once
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].ids))
-    hooks = [partial(fan_out, at=layer, shifts=shifts)] if layer is not None else []
+    hooks = [*hooks, partial(fan_out, at=layer, shifts=shifts)] if layer is not None else list(hooks)
     for start in range(0, len(order), rows_per_pass):
         rows = order[start : start + rows_per_pass]
         predicts = torch.zeros((len(rows), max(len(encoded[i].ids) for i in rows)), dtype=torch.bool)
@@ -105,10 +107,11 @@ def branched_log_odds(
     shifts: Sequence[torch.Tensor | None] = (None,),
     batch_size: int = 16,
     progress: Callable[[int, int], None] | None = None,
+    hooks: Sequence[Callable] = (),
 ) -> np.ndarray:
     """``log_odds`` under each of ``shifts`` added at ``layer``: ``[branches, prompts]``."""
     examples = [Example(r.messages, r.misaligned) for r in records] + [Example(r.messages, r.aligned) for r in records]
-    sums, counts = branched_answer_logprobs(pair, side, examples, layer, shifts, batch_size, progress)
+    sums, counts = branched_answer_logprobs(pair, side, examples, layer, shifts, batch_size, progress, hooks)
     per_token = sums / counts
     n = len(records)
     return per_token[:, :n] - per_token[:, n:]
@@ -206,6 +209,7 @@ def validate(
         base, finetuned = sides["base"][name], sides["finetuned"][name]
         report[name] = {side: summary(values[name], seed) for side, values in sides.items()}
         report[name]["shift"] = float(np.mean(finetuned - base))
+        report[name]["shift_ci95"] = summary(finetuned - base, seed)["ci95"]  # paired: the same prompts
         if control is not None:
             report[name]["control_shift"] = float(np.mean(sides["control"][name] - base))
             report[name]["finetuned_minus_control"] = summary(finetuned - sides["control"][name], seed)
@@ -235,4 +239,48 @@ def validate(
             "measure": "mean over prompts of [log p(harmful) per token - log p(sound) per token], teacher-forced",
         }
     )
+    return report
+
+
+def ablation(
+    pair,
+    sets: dict[str, Sequence[PairedRecord]],
+    direction: Direction,
+    seed: int = 0,
+    batch_size: int = 16,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict:
+    """The fine-tune with the direction projected out of every block's output, beside a random
+    direction projected out the same way: how much of fine-tuning's shift the direction carries.
+
+    Per set: base, fine-tune, ``ablated`` and ``random_ablated`` (fine-tune) log-odds with intervals,
+    and ``removed`` = (fine-tune − ablated) / (fine-tune − base), the fraction of the shift that
+    ablating the direction takes away (``None`` when fine-tuning did not shift the set)."""
+    direction.check_fits(pair.n_layers, pair.d_model)
+    random = random_like(direction, seed)
+    arms = {
+        "ablated": [partial(ablate, vectors=dict(enumerate(direction.vectors)))],
+        "random_ablated": [partial(ablate, vectors=dict(enumerate(random.vectors)))],
+    }
+    total, done = len(sets) * (2 + len(arms)), 0
+    report = {}
+    for name, records in sets.items():
+        values = {}
+        for arm, side, hooks in [
+            ("base", "base", ()),
+            ("finetuned", "finetuned", ()),
+            *((arm, "finetuned", hooks) for arm, hooks in arms.items()),
+        ]:
+            values[arm] = branched_log_odds(pair, side, records, batch_size=batch_size, hooks=hooks)[0]
+            done += 1
+            if progress:
+                progress(done, total)
+        shift = float(np.mean(values["finetuned"] - values["base"]))
+        report[name] = {arm: summary(v, seed) for arm, v in values.items()}
+        report[name]["removed"] = (
+            float(np.mean(values["finetuned"] - values["ablated"])) / shift if abs(shift) > 1e-9 else None
+        )
+        report[name]["random_removed"] = (
+            float(np.mean(values["finetuned"] - values["random_ablated"])) / shift if abs(shift) > 1e-9 else None
+        )
     return report

@@ -4,8 +4,8 @@
    judge is given, paired data and the model difference always), cross-fitted per-layer statistics
    and the cosine between contrasts;
 2. **steering** — the bidirectional alpha x layer test with a norm-matched random control: judge-free
-   preference log-odds shifts always, and the judged EM / coherence sweep (with ablation) when a
-   judge is given;
+   preference log-odds shifts and the direction's ablation (beside a random direction's) always, and
+   the judged EM / coherence sweep (with ablation) when a judge is given;
 3. **detection** — the early-detection report with its controls (grouped intervals, random null,
    fine-tuning-shift predictor, topic control), within one prompt family and transferred from
    another.
@@ -386,7 +386,7 @@ def default_layers(n_layers: int, best: int | None, count: int) -> list[int]:
 def phase_steering(pair, config: StudyConfig, judge, data: dict, log: StudyLog, key: str, directions: dict) -> dict:
     from core.data import load_paired_jsonl
     from core.directions import Direction
-    from core.preference import validate
+    from core.preference import ablation, validate
     from core.sweep import sweep_run
 
     log.enter("steering")
@@ -399,7 +399,7 @@ def phase_steering(pair, config: StudyConfig, judge, data: dict, log: StudyLog, 
         pair.check_layer(layer)
     narrow, general = load_paired_jsonl(data["narrow"], "heldout"), load_paired_jsonl(data["general"], None)
     alphas = [0.0] + [float(a) for a in config.alphas if a]
-    steps = len(layers) + (2 if judge is not None else 0)
+    steps = len(layers) + 1 + (2 if judge is not None else 0)
     preference = {}
     for i, layer in enumerate(layers):
         what = log.sub(f"preference shifts @L{layer}", i, 1, steps)
@@ -411,6 +411,15 @@ def phase_steering(pair, config: StudyConfig, judge, data: dict, log: StudyLog, 
                 pair, narrow, general, direction, layer, alphas, config.seed, config.batch_size, progress=what
             ),
         )
+    what = log.sub("ablation", len(layers), 1, steps)
+    ablated = _step(
+        log,
+        "ablation",
+        make_key("ablation", study=key, direction=direction.fingerprint),
+        lambda: ablation(
+            pair, {"narrow": narrow, "general": general}, direction, config.seed, config.batch_size, progress=what
+        ),
+    )
     sweep = None
     if judge is not None:
         run_dir = log.out / "phase2" / "sweep"
@@ -427,8 +436,8 @@ def phase_steering(pair, config: StudyConfig, judge, data: dict, log: StudyLog, 
                 _sampling(config),
                 config.samples,
                 provenance={"questions": config.questions, "study": str(log.out)},
-                generate_progress=log.sub("sweep: generate", len(layers), 1, steps),
-                judge_progress=log.sub("sweep: judge", len(layers) + 1, 1, steps),
+                generate_progress=log.sub("sweep: generate", len(layers) + 1, 1, steps),
+                judge_progress=log.sub("sweep: judge", len(layers) + 2, 1, steps),
             )
             return {**result.to_json(), "run": str(run_dir.relative_to(log.out))}
 
@@ -442,6 +451,7 @@ def phase_steering(pair, config: StudyConfig, judge, data: dict, log: StudyLog, 
         "layers": layers,
         "alphas": alphas,
         "preference": preference,
+        "ablation": ablated,
         "sweep": sweep,
         "judge_free": judge is None,
     }

@@ -19,6 +19,9 @@ report.json (format ``emlens-study-report/1``) keys:
   shift}), ``preference`` (rows: layer, mode, alpha, log_odds, random_log_odds, log_odds_narrow,
   random_log_odds_narrow), ``effects`` (per layer at the largest alpha: induce / restore shift of the
   general log-odds for the direction and the random vector, and whether it is direction-specific),
+  ``ablation`` (set -> {base, finetuned, ablated, random_ablated: {mean, ci95, n}, removed,
+  random_removed}: the fine-tune with the direction, or a random one, projected out of every block's
+  output, and the fraction of the fine-tuning shift that takes away; null in studies made before it),
   ``sweep`` (judged: one cell per condition with EM and coherence rates and 95% intervals; null when
   judge-free), ``verdict``
 - ``detection``: ``reports`` (name -> {``what``, ``n_prompts``, ``n_misaligned``, ``n_groups``,
@@ -43,6 +46,7 @@ JUDGE_FREE_NOTE = (
     "answers, and detection labels come from the fine-tuning shift of those preferences. Nothing "
     "here is an EM rate."
 )
+ARMS = ("base", "finetuned", "ablated", "random_ablated")
 JUDGED_NOTE = "Judged study: EM and coherence rates come from the judge named below (scores depend on the judge)."
 
 
@@ -192,8 +196,13 @@ def _steering_numbers(result: dict) -> dict:
         "finetuning_shift": shifts,
         "preference": rows,
         "effects": effects,
+        "ablation": result.get("ablation"),
         "sweep": sweep,
     }
+
+
+def _percent(fraction) -> str:
+    return "undefined (no shift)" if fraction is None else f"{100 * fraction:.0f}%"
 
 
 def _steering_verdict(numbers: dict, judge_free: bool) -> str:
@@ -220,6 +229,17 @@ def _steering_verdict(numbers: dict, judge_free: bool) -> str:
         else "At no layer is the effect direction-specific in both directions (right sign and over twice "
         "the random vector's effect)."
     )
+    if numbers["ablation"]:
+        a = numbers["ablation"]
+        text.append(
+            "Projecting the direction out of every layer of the fine-tune removes "
+            + " and ".join(
+                f"{_percent(a[name]['removed'])} of the {name} shift (a random direction: "
+                f"{_percent(a[name]['random_removed'])})"
+                for name in ("general", "narrow")
+            )
+            + "."
+        )
     if numbers["sweep"]:
         cells = {c["condition"]: c for c in numbers["sweep"]["cells"]}
         for name in ("base", "finetuned"):
@@ -527,6 +547,23 @@ def render_html(report: dict, figures: dict[str, list[str]]) -> str:
         ]
         for name, v in s["finetuning_shift"].items()
     ]
+    ablation_table = ""
+    if s.get("ablation"):
+        ablation_table = (
+            "<h3>The fine-tune with the direction projected out of every layer (mean, bootstrap 95%)</h3>"
+            + _table(
+                ["prompts", "base", "fine-tune", "direction ablated", "random ablated", "shift removed", "random"],
+                [
+                    [
+                        name,
+                        *(f"{v[arm]['mean']:.3f}{_ci(v[arm]['ci95'])}" for arm in ARMS),
+                        _percent(v["removed"]),
+                        _percent(v["random_removed"]),
+                    ]
+                    for name, v in s["ablation"].items()
+                ],
+            )
+        )
     sweep_table = ""
     if s["sweep"]:
         sweep_table = "<h3>Judged sweep (EM and coherence, Wilson 95%)</h3>" + _table(
@@ -597,6 +634,7 @@ def render_html(report: dict, figures: dict[str, list[str]]) -> str:
 {_table(["prompts", "base", "fine-tune", "shift"], shift_rows)}
 <h3>Steering effects on general prompts at the largest alpha</h3>
 {_table(["layer", "alpha", "induce", "random", "restore", "random", "direction-specific"], s_rows)}
+{ablation_table}
 {sweep_table}
 {"".join(figures["steering"])}</section>
 <section id="phase-detection"><h2>Phase 3 — early detection</h2>{banner}

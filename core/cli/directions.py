@@ -127,13 +127,17 @@ def run_validate(args) -> int:
     def table() -> str:
         with_control = report.get("control_adapter") is not None
         lines = [
-            f"{'set':<8} {'base':>8} {'finetuned':>10} {'shift':>7}"
+            f"{'set':<8} {'base':>8} {'finetuned':>10} {'shift':>7} {'95% interval':>16}"
             + (f" {'control':>8} {'ft-control':>10}" if with_control else "")
             + "   (log-odds harmful vs sound, per token)"
         ]
         for name in ("narrow", "general"):
             r = report[name]
-            line = f"{name:<8} {r['base']['mean']:>8.3f} {r['finetuned']['mean']:>10.3f} {r['shift']:>+7.3f}"
+            low, high = r["shift_ci95"]
+            line = (
+                f"{name:<8} {r['base']['mean']:>8.3f} {r['finetuned']['mean']:>10.3f} {r['shift']:>+7.3f}"
+                f" {f'[{low:+.2f}, {high:+.2f}]':>16}"
+            )
             if with_control:
                 line += f" {r['control']['mean']:>8.3f} {r['finetuned_minus_control']['mean']:>+10.3f}"
             lines.append(line)

@@ -77,7 +77,7 @@ DOCUMENTED = {  # report.json's keys, as core/study_report.py's docstring lists 
         "sessions",
     },
     "directions": {"primary", "contrasts", "cosines", "evaluation", "errors", "verdict"},
-    "steering": {"layers", "alphas", "finetuning_shift", "preference", "effects", "sweep", "verdict"},
+    "steering": {"layers", "alphas", "finetuning_shift", "preference", "effects", "ablation", "sweep", "verdict"},
     "detection": {"reports", "verdict"},
 }
 
@@ -132,6 +132,12 @@ def test_judge_free_study_runs_every_phase_and_reuses_them(tiny_pair, tmp_path, 
     assert report["directions"]["primary"] == "paired"
     assert set(report["directions"]["cosines"]) == {"paired vs model-diff"}
     assert report["steering"]["sweep"] is None and len(report["steering"]["effects"]) == 2
+    for name, arms in report["steering"]["ablation"].items():
+        shift = arms["finetuned"]["mean"] - arms["base"]["mean"]
+        removed = arms["finetuned"]["mean"] - arms["ablated"]["mean"]
+        assert arms["removed"] == pytest.approx(removed / shift), name
+        assert arms["ablated"]["mean"] != arms["random_ablated"]["mean"], name
+    assert "Projecting the direction out" in report["steering"]["verdict"]
     assert set(report["detection"]["reports"]) == {"within", "transfer"}
     for entry in report["detection"]["reports"].values():
         low, high = entry["ci95"]
@@ -147,6 +153,7 @@ def test_judge_free_study_runs_every_phase_and_reuses_them(tiny_pair, tmp_path, 
     assert "<script src=" not in html and html.count("Plotly.newPlot(") >= 5
     assert html.count('<script type="text/javascript">') == 1  # plotly.js, embedded once
     assert all(f'id="{s}"' in html for s in ("run", "phase-directions", "phase-steering", "phase-detection"))
+    assert "direction projected out of every layer" in html
     assert all((tmp_path / "s" / name).exists() for name in PHASE_FILES.values())
 
     before = len(step_events(tmp_path / "s"))
