@@ -80,13 +80,15 @@ PRESETS = {
     "demo": {
         "base": "default",
         "finetuned": "default",
+        # Sized for 30 minutes on 2 CPU cores: teacher-forced passes are the cost (phase 2 runs one per
+        # prompt, side, layer and branch), so fewer prompts, two layers and one alpha.
         "config": StudyConfig(
             n_train=150,
-            n_heldout=40,
-            n_general=96,
+            n_heldout=24,
+            n_general=64,
             layers=None,
-            n_layers=3,
-            alphas=(2.0, 4.0),
+            n_layers=2,
+            alphas=(4.0,),
             n_boot=500,
             n_random=100,
             batch_size=16,
