@@ -249,38 +249,36 @@ def ablation(
     seed: int = 0,
     batch_size: int = 16,
     progress: Callable[[int, int], None] | None = None,
+    plain: dict[str, dict[str, dict]] | None = None,
 ) -> dict:
     """The fine-tune with the direction projected out of every block's output, beside a random
     direction projected out the same way: how much of fine-tuning's shift the direction carries.
 
     Per set: base, fine-tune, ``ablated`` and ``random_ablated`` (fine-tune) log-odds with intervals,
     and ``removed`` = (fine-tune − ablated) / (fine-tune − base), the fraction of the shift that
-    ablating the direction takes away (``None`` when fine-tuning did not shift the set)."""
+    ablating the direction takes away (``random_removed`` likewise; ``None`` when fine-tuning did
+    not shift the set). ``plain``: the base and fine-tune summaries of these very sets when already
+    measured (``validate``'s report), so that only the two ablated passes run."""
     direction.check_fits(pair.n_layers, pair.d_model)
     random = random_like(direction, seed)
-    arms = {
-        "ablated": [partial(ablate, vectors=dict(enumerate(direction.vectors)))],
-        "random_ablated": [partial(ablate, vectors=dict(enumerate(random.vectors)))],
-    }
-    total, done = len(sets) * (2 + len(arms)), 0
+    arms = [("ablated", "finetuned", [partial(ablate, vectors=dict(enumerate(direction.vectors)))])]
+    arms.append(("random_ablated", "finetuned", [partial(ablate, vectors=dict(enumerate(random.vectors)))]))
+    if plain is None:
+        arms = [("base", "base", []), ("finetuned", "finetuned", []), *arms]
+    total, done = len(sets) * len(arms), 0
     report = {}
     for name, records in sets.items():
-        values = {}
-        for arm, side, hooks in [
-            ("base", "base", ()),
-            ("finetuned", "finetuned", ()),
-            *((arm, "finetuned", hooks) for arm, hooks in arms.items()),
-        ]:
-            values[arm] = branched_log_odds(pair, side, records, batch_size=batch_size, hooks=hooks)[0]
+        report[name] = {side: plain[name][side] for side in ("base", "finetuned")} if plain else {}
+        for arm, side, hooks in arms:
+            report[name][arm] = summary(
+                branched_log_odds(pair, side, records, batch_size=batch_size, hooks=hooks)[0], seed
+            )
             done += 1
             if progress:
                 progress(done, total)
-        shift = float(np.mean(values["finetuned"] - values["base"]))
-        report[name] = {arm: summary(v, seed) for arm, v in values.items()}
-        report[name]["removed"] = (
-            float(np.mean(values["finetuned"] - values["ablated"])) / shift if abs(shift) > 1e-9 else None
-        )
-        report[name]["random_removed"] = (
-            float(np.mean(values["finetuned"] - values["random_ablated"])) / shift if abs(shift) > 1e-9 else None
-        )
+        # Means over the same prompts, so a difference of means is the mean of the paired differences.
+        means = {arm: report[name][arm]["mean"] for arm in ("base", "finetuned", "ablated", "random_ablated")}
+        shift = means["finetuned"] - means["base"]
+        for key, arm in (("removed", "ablated"), ("random_removed", "random_ablated")):
+            report[name][key] = (means["finetuned"] - means[arm]) / shift if abs(shift) > 1e-9 else None
     return report

@@ -83,9 +83,9 @@ PRESETS = {
         # Sized for 30 minutes on 2 CPU cores: teacher-forced passes are the cost (phase 2 runs one per
         # prompt, side, layer and branch), so fewer prompts, two layers and one alpha.
         "config": StudyConfig(
-            n_train=150,
+            n_train=120,
             n_heldout=24,
-            n_general=64,
+            n_general=48,
             layers=None,
             n_layers=2,
             alphas=(4.0,),
@@ -419,7 +419,13 @@ def phase_steering(pair, config: StudyConfig, judge, data: dict, log: StudyLog, 
         "ablation",
         make_key("ablation", study=key, direction=direction.fingerprint),
         lambda: ablation(
-            pair, {"narrow": narrow, "general": general}, direction, config.seed, config.batch_size, progress=what
+            pair,
+            {"narrow": narrow, "general": general},
+            direction,
+            config.seed,
+            config.batch_size,
+            progress=what,
+            plain=next(iter(preference.values())),  # the unsteered rows are the same at every layer
         ),
     )
     sweep = None

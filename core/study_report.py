@@ -240,6 +240,11 @@ def _steering_verdict(numbers: dict, judge_free: bool) -> str:
             )
             + "."
         )
+        if any((a[name]["removed"] or 0) < 0 for name in ("general", "narrow")):
+            text.append(
+                "A negative share means the ablated fine-tune prefers the harmful answers even more than the "
+                "fine-tune itself: there, the direction does not carry the fine-tuning shift."
+            )
     if numbers["sweep"]:
         cells = {c["condition"]: c for c in numbers["sweep"]["cells"]}
         for name in ("base", "finetuned"):
