@@ -76,6 +76,8 @@ def session_defaults() -> dict:
         "steer_result": None,  # Steer: the last request, its titles and its rows
         "detect_report": None,  # Detect: the report shown (a path)
         "evaluate_run": None,  # Evaluate: the run shown (a folder)
+        "directions_attribution": None,  # Directions: the last direct attribution, with the pair and direction
+        "directions_sae": None,  # Directions: the last SAE latents, with the pair and direction
     }
 
 

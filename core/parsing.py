@@ -39,3 +39,12 @@ def parse_layers(text: str, n_layers: int, what: str = "--layer") -> list[int]:
     if not layers or layers[0] < 0 or layers[-1] >= n_layers:
         raise ParseError(f"{what} {text}: out of range; this model has layers 0..{n_layers - 1}")
     return layers
+
+
+def parse_layer_list(text: str, n_layers: int, what: str = "--layers") -> list[int]:
+    """Comma-separated items of :func:`parse_layers` (``3,10-12``, ``all``), in order, each layer once."""
+    items = [item.strip() for item in str(text).split(",") if item.strip()]
+    if not items:
+        raise ParseError(f"{what} {text!r}: expected layers, e.g. 12, 10-14, 3,19 or all")
+    layers = [layer for item in items for layer in parse_layers(item, n_layers, what)]
+    return list(dict.fromkeys(layers))

@@ -149,6 +149,58 @@ def cosine_per_layer_figure(cosines: Sequence[float], name_a: str, name_b: str) 
     return _layout(fig, f"Cosine per layer: {name_a} vs {name_b}", "layer", "cosine similarity")
 
 
+def attribution_figure(
+    heads: Sequence[Sequence[float]], attention: Sequence[float], mlp: Sequence[float], title: str
+) -> go.Figure:
+    """Direct attribution of a direction: each head's part as a block x head heatmap (red writes along the
+    direction, blue against it), and beside it each block's attention (all heads) and MLP parts as bars."""
+    blocks = list(range(len(heads)))
+    peak = max([abs(float(v)) for row in heads for v in row] + [1e-12])
+    fig = make_subplots(
+        rows=1,
+        cols=2,
+        shared_yaxes=True,
+        column_widths=[0.6, 0.4],
+        horizontal_spacing=0.04,
+        subplot_titles=("per attention head", "per block"),
+    )
+    fig.add_trace(
+        go.Heatmap(
+            z=[[float(v) for v in row] for row in heads],
+            x=list(range(len(heads[0]) if heads else 0)),
+            y=blocks,
+            zmin=-peak,
+            zmax=peak,
+            colorscale="RdBu",
+            reversescale=True,
+            colorbar=dict(orientation="h", y=-0.22, len=0.55, x=0.3, thickness=12),
+            hovertemplate="block %{y}, head %{x}: %{z:.4f}<extra></extra>",
+        ),
+        row=1,
+        col=1,
+    )
+    for name, values, colour in (("attention", attention, "#5c6bc0"), ("MLP", mlp, "#ef6c00")):
+        fig.add_trace(
+            go.Bar(
+                x=[float(v) for v in values],
+                y=blocks,
+                orientation="h",
+                name=name,
+                marker_color=colour,
+                hovertemplate=f"block %{{y}} {name}: %{{x:.4f}}<extra></extra>",
+            ),
+            row=1,
+            col=2,
+        )
+    _layout(fig, title, "", "", height=max(360, 160 + 18 * len(blocks)))
+    fig.update_layout(barmode="group")
+    fig.update_yaxes(**_layer_ticks(len(blocks)))
+    fig.update_yaxes(title_text="block", row=1, col=1)
+    fig.update_xaxes(title_text="head", dtick=1, row=1, col=1)
+    fig.update_xaxes(title_text="projection on the unit direction", row=1, col=2)
+    return fig
+
+
 def _mix(a: tuple[int, int, int], b: tuple[int, int, int], t: float) -> str:
     return "rgb({},{},{})".format(*(round(x + (y - x) * t) for x, y in zip(a, b)))
 
