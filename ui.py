@@ -280,6 +280,20 @@ def prompt_input(key_prefix: str, default: str, label: str = "Prompt", **text_ar
     return prompt_area(key_prefix, default, label, **text_area_args)
 
 
+def static_decoding(pair: ModelPair):
+    """The options of the static decoding path when the pair is on a GPU (:mod:`core.fast_decode`), with a
+    caption saying so where the answers are drawn; None (the eager loop) elsewhere."""
+    from core.fast_decode import interactive_options
+
+    options = interactive_options(pair)
+    if options is not None:
+        st.caption(
+            "Decoding with a static KV cache and a compiled step: the first generation for each side, number "
+            "of rows and length bucket compiles it, which can take a minute; later ones, any α included, reuse it."
+        )
+    return options
+
+
 def stream_rows(pair: ModelPair, generator, placeholders: list) -> list:
     """Show each row's text as it grows; return the final rows.
 

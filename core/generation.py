@@ -18,6 +18,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -26,6 +27,9 @@ from core.directions import Direction
 from core.errors import InputError
 from core.hooks import ablate, capture, last_token, steer
 from core.models import pad_batch
+
+if TYPE_CHECKING:
+    from core.fast_decode import StaticOptions
 
 
 class GenerationError(InputError):
@@ -144,12 +148,35 @@ def stop_ids(pair) -> set[int]:
     return ids
 
 
+def row_uniforms(pair, rows: Sequence[Generation], sampling: Sampling) -> torch.Tensor:
+    """``[rows, max_new_tokens]``: each row's uniforms for sampling, from its own seeded generator."""
+    return torch.stack(
+        [
+            torch.rand(
+                sampling.max_new_tokens,
+                generator=torch.Generator().manual_seed(
+                    row_seed(sampling.seed, render_prompt(pair.tokenizer, row.prompt), row.sample)
+                ),
+            )
+            for row in rows
+        ]
+    )
+
+
+def record_tokens(rows: Sequence[Generation], chosen: torch.Tensor, finished: torch.Tensor, stops: set[int]) -> None:
+    """Append each unfinished row's chosen token; a stop token finishes its row."""
+    for r, row in enumerate(rows):
+        if not finished[r]:
+            row.token_ids.append(int(chosen[r]))
+            if int(chosen[r]) in stops:
+                finished[r] = True
+                row.finish_reason = "eos"
+
+
 def _interventions(pair, rows: list[Generation], direction: Direction | None, layers: Sequence[int]) -> list:
     """The steering / ablation hooks (for ``pair.running``) of one batch of rows that run on one module."""
     if not any(r.variant.intervenes for r in rows):
         return []
-    if direction is None or not layers:
-        raise GenerationError("steered or ablated variants need a direction and at least one layer")
     vectors = {layer: direction.vectors[layer] for layer in layers}
     alphas = torch.tensor([0.0 if r.variant.ablate else r.variant.alpha for r in rows])
     ablated = torch.tensor([1.0 if r.variant.ablate else 0.0 for r in rows])
@@ -177,17 +204,7 @@ def _decode(
     batch = len(rows)
     prompts = pad_batch(pair.tokenizer, prompt_ids, "left")
     input_ids, attention, positions = (t.to(device) for t in (prompts.ids, prompts.attention, prompts.positions))
-    uniforms = torch.stack(
-        [
-            torch.rand(
-                sampling.max_new_tokens,
-                generator=torch.Generator().manual_seed(
-                    row_seed(sampling.seed, render_prompt(pair.tokenizer, row.prompt), row.sample)
-                ),
-            )
-            for row in rows
-        ]
-    )
+    uniforms = row_uniforms(pair, rows, sampling)
     cache = None
     if use_cache:
         from transformers import DynamicCache
@@ -224,12 +241,7 @@ def _decode(
         if trace_layer is not None and unit is not None and step > 0:
             trace.append(records[trace_layer][0].float() @ unit[trace_layer])
         chosen = next_tokens(logits, sampling, uniforms[:, step]).cpu()
-        for r, row in enumerate(rows):
-            if not finished[r]:
-                row.token_ids.append(int(chosen[r]))
-                if int(chosen[r]) in stops:
-                    finished[r] = True
-                    row.finish_reason = "eos"
+        record_tokens(rows, chosen, finished, stops)
         chosen = chosen.to(device).unsqueeze(-1)
         attention = torch.cat([attention, torch.ones((batch, 1), dtype=torch.long, device=device)], dim=-1)
         positions = torch.cat([positions, positions[:, -1:] + 1], dim=-1)
@@ -250,14 +262,15 @@ def _decode(
         row.finish_reason = row.finish_reason or "length"
 
 
-def _decoding_groups(pair, rows: list[Generation]) -> list[tuple[tuple, list[int]]]:
-    """Rows that decode in one call. Base and fine-tune rows of an adapter pair mix in one batch;
-    a merged fine-tune is a second model, and each adapter scale is a setting of the shared adapter."""
+def _decoding_groups(pair, rows: list[Generation], by_side: bool = False) -> list[tuple[tuple, list[int]]]:
+    """Rows that decode in one call. Base and fine-tune rows of an adapter pair mix in one batch
+    (unless ``by_side``); a merged fine-tune is a second model, and each adapter scale is a setting
+    of the shared adapter."""
     groups: dict[tuple, list[int]] = {}
     for i, row in enumerate(rows):
         if row.variant.adapter_scale is not None:
             key = ("scale", row.variant.adapter_scale)
-        elif pair.merged is not None:
+        elif pair.merged is not None or by_side:
             key = ("side", row.variant.side)
         else:
             key = ("mixed",)
@@ -275,11 +288,14 @@ def stream(
     samples: int = 1,
     trace_layer: int | None = None,
     use_cache: bool = True,
+    static: StaticOptions | None = None,
 ) -> Iterator[list[Generation]]:
     """Decode every (prompt, variant, sample) row; yield the rows (updated in place) after each step.
 
     Rows running on one module decode in one batched call; only a *merged* fine-tune, which
-    is a second model, needs a second call.
+    is a second model, needs a second call. With ``static`` the rows of each side decode in
+    a call of their own on the static-cache, compiled path (:mod:`core.fast_decode`); rows with
+    a scaled adapter, and more rows than it takes, stay on this loop.
     """
     if not prompts or not variants:
         raise GenerationError("nothing to generate: give at least one prompt and one variant")
@@ -293,6 +309,8 @@ def stream(
                     f"variant {variant.label}: adapter scaling needs the fine-tuned side of a "
                     "pair whose fine-tune is a PEFT adapter"
                 )
+    if any(v.intervenes for v in variants) and (direction is None or not layers):
+        raise GenerationError("steered or ablated variants need a direction and at least one layer")
     layers = [pair.check_layer(layer) for layer in layers]
     if trace_layer is not None:
         pair.check_layer(trace_layer)
@@ -313,9 +331,19 @@ def stream(
                 rows.append(Generation(prompt=prompt, variant=variant, sample=k))
                 row_ids.append(encoded[p])
     stops = stop_ids(pair)
+    from core import fast_decode  # it imports this module
+
+    by_side = static is not None and use_cache
     with pair.lock:
-        for key, members in _decoding_groups(pair, rows):
+        for key, members in _decoding_groups(pair, rows, by_side):
             group = [rows[i] for i in members]
+            if by_side and key[0] == "side" and fast_decode.serves(static, len(group)):
+                group_ids = [row_ids[i] for i in members]
+                for _ in fast_decode.decode(
+                    pair, key[1], group, group_ids, sampling, direction, layers, trace_layer, stops, static
+                ):
+                    yield rows
+                continue
             scale = key[1] if key[0] == "scale" else None
             row_sides = None if scale is not None else [r.variant.side for r in group]
             side = "finetuned" if scale is not None else row_sides[0]

@@ -93,6 +93,7 @@ if state is not None:
                     direction=direction,
                     sampling=state["sampling"],
                     trace_layer=state["trace_layer"],
+                    static=ui.static_decoding(pair),
                 ),
                 placeholders,
             )

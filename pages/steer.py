@@ -152,7 +152,15 @@ with ui.guard():
         slots = [placeholder.empty() for placeholder in placeholders]
         state["rows"] = ui.stream_rows(
             pair,
-            stream(pair, [messages], variants, direction=steering, layers=request["layers"], sampling=sampling),
+            stream(
+                pair,
+                [messages],
+                variants,
+                direction=steering,
+                layers=request["layers"],
+                sampling=sampling,
+                static=ui.static_decoding(pair),
+            ),
             slots,
         )
         st.rerun()  # draw the finished grid with its captions and chart from the stored rows
