@@ -7,6 +7,7 @@ machine's load hits both sides alike. Run with ``python -m core bench --json``; 
 
 from __future__ import annotations
 
+import os
 import platform
 import statistics
 import subprocess
@@ -315,6 +316,16 @@ def judge_pool(pool: int = 8, rows: int = 64, delay_s: float = 0.2) -> dict:
     }
 
 
+def machine() -> dict:
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+    }
+
+
 def run_all(pair, base: str, finetuned: str, repeats: int = 5, tokens: int = 32, memory: bool = True) -> dict:
     direction = direction_for(pair)
 
@@ -357,12 +368,7 @@ def run_all(pair, base: str, finetuned: str, repeats: int = 5, tokens: int = 32,
         figure["met"] = figure["value"] >= target if op == ">=" else figure["value"] <= target
         figures[name] = figure
     return {
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "torch_threads": torch.get_num_threads(),
-            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        },
+        "machine": machine(),
         "pair": pair.info(),
         "repeats": repeats,
         "tokens": tokens,

@@ -58,10 +58,9 @@ import math
 import os
 import re
 import threading
-import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -69,6 +68,7 @@ from typing import Any
 import openai
 
 from core.cache import repair_jsonl_tail
+from core.endpoint import MalformedResponse, attempts_text, bounded_pool, server_detail, with_retries
 from core.errors import EMLensError, InputError
 
 METHOD_LOGPROBS = "logprobs"
@@ -157,10 +157,6 @@ class JudgeInputError(InputError):
 
 class ProbeError(JudgeError):
     """The probe could not establish how the judge writes numbers."""
-
-
-class MalformedResponse(Exception):
-    """A response that is not a usable chat completion (bad JSON, missing choices)."""
 
 
 @dataclass(frozen=True)
@@ -435,7 +431,7 @@ def probe_judge(config: JudgeConfig, refresh: bool = False) -> Probe:
         if reply is None:
             raise ProbeError(
                 f"{_who(config)}: the probe (asking for the number {PROBE_NUMBER}) failed: "
-                f"{error} (after {attempts} attempt{'s' if attempts > 1 else ''}); without it the "
+                f"{attempts_text(error, attempts)}; without it the "
                 "judge's numbers cannot be read safely, so nothing was judged"
             )
         probe = _classify_probe(config, reply, api_key)
@@ -553,37 +549,33 @@ def judge_answers(
         client = openai.OpenAI(base_url=config.base_url, api_key=api_key, timeout=config.timeout_s, max_retries=0)
         log = _JsonlLog(out_path)
         stop = threading.Event()  # set when the endpoint refuses us: no further requests
-        executor = ThreadPoolExecutor(max_workers=config.concurrency, thread_name_prefix="judge")
         try:
-            futures = [
-                executor.submit(
-                    _judge_pair,
-                    client,
-                    config,
-                    api_key,
-                    key,
-                    templates[key[1]].format(**pairs[key]),
-                    log,
-                    stop,
-                    reading,
-                )
-                for key in todo
-            ]
-            for future in as_completed(futures):
-                result = future.result()
-                if result is None:
-                    continue  # abandoned after another pair raised JudgeError
-                judgement, attempts = result
-                new[(judgement.id, judgement.metric)] = judgement
-                n_calls += attempts
-                finished += 1
-                if progress is not None:
-                    progress(finished, total)
+            with bounded_pool(config.concurrency, "judge", stop) as executor:
+                futures = [
+                    executor.submit(
+                        _judge_pair,
+                        client,
+                        config,
+                        api_key,
+                        key,
+                        templates[key[1]].format(**pairs[key]),
+                        log,
+                        stop,
+                        reading,
+                    )
+                    for key in todo
+                ]
+                for future in as_completed(futures):
+                    result = future.result()
+                    if result is None:
+                        continue  # abandoned after another pair raised JudgeError
+                    judgement, attempts = result
+                    new[(judgement.id, judgement.metric)] = judgement
+                    n_calls += attempts
+                    finished += 1
+                    if progress is not None:
+                        progress(finished, total)
         finally:
-            # On an error or interrupt, drop the queued pairs and stop retries; running
-            # requests finish (and are logged) before we return, so no thread outlives us.
-            stop.set()
-            executor.shutdown(wait=True, cancel_futures=True)
             log.close()
             client.close()
 
@@ -723,48 +715,32 @@ def _request(
     max_tokens: int,
     stop: threading.Event,
 ) -> tuple[_Reply | None, str | None, int]:
-    """One chat completion with retries: (reply, None, attempts) on success, (None, error,
-    attempts) once retries run out or on a row-specific client error, (None, None, attempts)
-    when ``stop`` is set first. Raises JudgeError on HTTP 401 / 403 / 404 (and sets stop)."""
-    error = ""
-    attempts = 0
-    for attempt in range(config.max_retries + 1):
-        if attempt:
-            time.sleep(config.backoff_s * 2 ** (attempt - 1))
-        if stop.is_set():
-            return None, None, attempts
-        attempts += 1
-        try:
-            completion = client.chat.completions.create(
-                model=config.model,
-                messages=[{"role": "user", "content": prompt}],
-                temperature=0,
-                max_tokens=max_tokens,
-                logprobs=True,
-                top_logprobs=TOP_LOGPROBS,
-                seed=0,
-            )
-            return _read_completion(completion), None, attempts
-        except openai.APIStatusError as exc:
-            status = exc.status_code
-            if status in (401, 403, 404):
-                stop.set()
-                raise JudgeError(_refusal_message(exc, config, api_key)) from None
-            error = f"HTTP {status}" + _server_detail(exc, api_key)
-            if not (status in (408, 429) or status >= 500):
-                break  # a request error specific to this row: retrying cannot help
-            continue
-        except openai.APITimeoutError:
-            error = f"timed out after {config.timeout_s:g} s"
-            continue
-        except openai.APIConnectionError:
-            error = "connection error"
-            continue
-        except (MalformedResponse, json.JSONDecodeError, openai.APIResponseValidationError) as exc:
-            reason = exc if isinstance(exc, MalformedResponse) else "body is not valid JSON"
-            error = f"malformed response: {reason}"
-            continue
-    return None, error, attempts
+    """One chat completion with retries (core.endpoint.with_retries): (reply, None, attempts) on
+    success, (None, error, attempts) once retries run out or on a row-specific client error,
+    (None, None, attempts) when ``stop`` is set first. Raises JudgeError on HTTP 401 / 403 / 404
+    (and sets stop)."""
+
+    def send() -> _Reply:
+        completion = client.chat.completions.create(
+            model=config.model,
+            messages=[{"role": "user", "content": prompt}],
+            temperature=0,
+            max_tokens=max_tokens,
+            logprobs=True,
+            top_logprobs=TOP_LOGPROBS,
+            seed=0,
+        )
+        return _read_completion(completion)
+
+    return with_retries(
+        send,
+        max_retries=config.max_retries,
+        backoff_s=config.backoff_s,
+        timeout_s=config.timeout_s,
+        stop=stop,
+        refuse=lambda exc: JudgeError(_refusal_message(exc, config, api_key)),
+        api_key=api_key,
+    )
 
 
 def _judge_pair(
@@ -813,7 +789,7 @@ def _judge_pair(
             method=None,
             label=None,
             mass=None,
-            error=f"{error} (after {attempts} attempt{'s' if attempts > 1 else ''})",
+            error=attempts_text(error, attempts),
             model=config.model,
         )
     log.append(judgement)
@@ -867,16 +843,6 @@ def _read_completion(completion: Any) -> _Reply:
     )
 
 
-def _server_detail(exc: openai.APIStatusError, api_key: str, limit: int = 200) -> str:
-    """': <server message>' with the key redacted, or '' when the server gave none."""
-    body = exc.body
-    message = body.get("message") if isinstance(body, dict) else None
-    if not isinstance(message, str) or not message.strip():
-        return ""
-    message = message.replace(api_key, "<redacted>").strip()
-    return ": " + (message if len(message) <= limit else message[: limit - 3] + "...")
-
-
 def _refusal_message(exc: openai.APIStatusError, config: JudgeConfig, api_key: str) -> str:
     status = exc.status_code
     endpoint = config.base_url or "the default OpenAI endpoint"
@@ -889,5 +855,5 @@ def _refusal_message(exc: openai.APIStatusError, config: JudgeConfig, api_key: s
     what = "access to" if status == 403 else "the model or URL for"
     return (
         f"the judge endpoint ({endpoint}) refused {what} model {config.model!r} "
-        f"(HTTP {status}{_server_detail(exc, api_key)})"
+        f"(HTTP {status}{server_detail(exc, api_key)})"
     )

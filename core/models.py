@@ -206,7 +206,7 @@ def convert_gguf(gguf: Path, cache_root: Path) -> tuple[Path, str]:
     return target, fingerprint
 
 
-def _resolve_base(spec: str, options: LoadOptions) -> tuple[str, Source, dict]:
+def resolve_base(spec: str, options: LoadOptions) -> tuple[str, Source, dict]:
     """Map the user's --base to what from_pretrained reads, its Source, and loader kwargs."""
     if spec == DEFAULT:
         directory, fingerprint = convert_gguf(embedded_gguf(), options.cache_root)
@@ -237,7 +237,7 @@ def _load_weights(spec: str, options: LoadOptions, what: str = "--base"):
     from transformers import AutoModelForCausalLM
 
     transformers.utils.logging.disable_progress_bar()  # one bar per load step is noise; ours report progress
-    location, source, kwargs = _resolve_base(spec, options)
+    location, source, kwargs = resolve_base(spec, options)
     device = resolve_device(options.device)
     try:
         model = AutoModelForCausalLM.from_pretrained(
@@ -261,7 +261,7 @@ def load_tokenizer(spec: str, options: LoadOptions, location: str | None = None,
     from transformers import AutoTokenizer
 
     if location is None:
-        location, _, kwargs = _resolve_base(spec, options)
+        location, _, kwargs = resolve_base(spec, options)
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=options.trust_remote_code, **kwargs)
     except (OSError, ValueError) as err:

@@ -23,12 +23,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Protocol
 
 from core.cache import CacheError, append_jsonl, read_jsonl_tolerant, repair_jsonl_tail, sha256_bytes
 from core.data import Question
 from core.directions import Direction, random_like
 from core.errors import InputError
-from core.generation import Sampling, Variant, generate
+from core.generation import Generation, Sampling, Variant, generate
 from core.typed_json import write_json
 
 
@@ -130,6 +131,35 @@ def row_id(prompt: dict, label: str, sample: int) -> str:
     return f"{prompt['question_id']}/{prompt['paraphrase']}/{label}/{sample}"
 
 
+class Engine(Protocol):
+    """Where a run's answers are sampled when not in process (core.server_engine.ServerEngine):
+    called like core.generation.generate."""
+
+    def check(self, pair, variants: Sequence[Variant]) -> None:
+        """Refuse what it cannot sample, before any sampling request."""
+
+    def provenance(self) -> dict:
+        """What samples (recorded in run.json)."""
+
+    def __call__(self, pair, prompts, variants, **kwargs) -> list[Generation]: ...
+
+
+IN_PROCESS = {"name": "hf"}
+
+
+def _check_same_engine(out_dir: Path, engine: dict) -> None:
+    """A run's rows come from one engine: resuming with another would mix them unmarked."""
+    if not (out_dir / GENERATIONS).exists() or not read_jsonl_tolerant(out_dir / GENERATIONS):
+        return
+    before = read_run_json(out_dir).get("engine") or IN_PROCESS
+    same = ("name", "models")
+    if {k: before.get(k) for k in same} != {k: engine.get(k) for k in same}:
+        raise RunError(
+            f"{out_dir}: its answers were sampled by engine {before.get('name')!r} "
+            f"{before.get('models') or ''}; resume it with the same engine and models, or write to a new --out"
+        )
+
+
 def run_generations(
     pair,
     questions: Sequence[Question],
@@ -141,17 +171,27 @@ def run_generations(
     prompts_per_batch: int = 4,
     progress: Callable[[int, int], None] | None = None,
     provenance: dict | None = None,
+    engine: Engine | None = None,
 ) -> list[dict]:
-    """Sample every prompt x condition x sample; append rows to ``generations.jsonl``; resume."""
+    """Sample every prompt x condition x sample; append rows to ``generations.jsonl``; resume.
+
+    ``engine``: None samples in process (core.generation.generate, the exact reference); an Engine
+    (a server) is checked before any sampling and recorded in run.json, and a run is only resumed
+    with the engine and models that started it."""
     labels = [c.label for c in conditions]
     if len(set(labels)) != len(labels):
         raise RunError(f"conditions must have distinct labels: {labels}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if engine is not None:
+        engine.check(pair, [c.variant for c in conditions])
+    engine_info = engine.provenance() if engine is not None else IN_PROCESS
+    _check_same_engine(out_dir, engine_info)
     write_json(
         out_dir / RUN_JSON,
         {
             "pair": pair.info(),
+            "engine": engine_info,
             "direction": direction.provenance if direction else None,
             "direction_fingerprint": direction.fingerprint if direction else None,
             "conditions": [
@@ -182,7 +222,7 @@ def run_generations(
                 wanted = [row_id(p, c.label, k) for p in batch for c in members for k in range(n_samples)]
                 if all(w in rows for w in wanted):
                     continue
-                generated = generate(
+                generated = (engine or generate)(
                     pair,
                     [p["messages"] for p in batch],
                     [c.variant for c in members],
@@ -210,6 +250,7 @@ def run_generations(
                         "answer": g.text,
                         "finish_reason": g.finish_reason,
                         "n_tokens": len(g.token_ids),
+                        "token_ids": g.token_ids,
                         "seed": sampling.seed,
                         "judge_prompts": prompt["judge_prompts"],
                     }

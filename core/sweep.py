@@ -27,6 +27,7 @@ from core.runs import (
     JUDGEMENTS,
     SWEEP_JSON,
     Condition,
+    Engine,
     RunError,
     condition,
     judge_run,
@@ -38,10 +39,11 @@ from core.typed_json import JsonRecord, read_json, write_json
 
 
 def sweep_conditions(
-    layers: Sequence[int], alphas: Sequence[float], n_layers: int, controls: bool = True
+    layers: Sequence[int], alphas: Sequence[float], n_layers: int, controls: bool = True, ablation: bool = True
 ) -> list[Condition]:
     """Induce (base + a.d) and restore (fine-tuned - a.d) at each layer and alpha, ablation at each
-    layer and at all layers, the unsteered pair, and a norm-matched random control per steered cell."""
+    layer and at all layers (unless ``ablation`` is off), the unsteered pair, and a norm-matched
+    random control per steered cell."""
     cells = [condition(Variant("base")), condition(Variant("finetuned"))]
     for layer in layers:
         for alpha in (a for a in alphas if a):
@@ -49,8 +51,10 @@ def sweep_conditions(
                 cells.append(condition(variant, [layer], n_layers=n_layers))
                 if controls:
                     cells.append(condition(variant, [layer], control=True, n_layers=n_layers))
-        cells.append(condition(Variant("finetuned", ablate=True), [layer], n_layers=n_layers))
-    cells.append(condition(Variant("finetuned", ablate=True), list(range(n_layers)), n_layers=n_layers))
+        if ablation:
+            cells.append(condition(Variant("finetuned", ablate=True), [layer], n_layers=n_layers))
+    if ablation:
+        cells.append(condition(Variant("finetuned", ablate=True), list(range(n_layers)), n_layers=n_layers))
     return cells
 
 
@@ -136,13 +140,16 @@ def sweep_run(
     provenance: dict | None = None,
     generate_progress: Callable[[int, int], None] | None = None,
     judge_progress: Callable[[int, int], None] | None = None,
+    ablation: bool = True,
+    engine: Engine | None = None,
 ) -> Sweep:
     """The bidirectional sweep end to end, as `python -m core sweep` runs it: every induce / restore /
     ablate / control cell generated into ``out_dir`` (resumable), judged, then em.json and sweep.json
     written there. Returns the sweep (its figure is core.plots.sweep_figure of its cells).
 
     Everything is checked before any generation: the layers, a non-zero alpha, the direction's shape,
-    a fine-tuned side, and that the judge has an API key. The key itself is never written."""
+    a fine-tuned side, that the judge has an API key, and what ``engine`` (None: in process; see
+    core.runs.run_generations) can sample. The key itself is never written."""
     layers, alphas = [int(x) for x in layers], [float(a) for a in alphas]
     if not layers:
         raise RunError("layers: give at least one layer to steer at")
@@ -159,7 +166,7 @@ def sweep_run(
             "for a local server that needs none)"
         )
     out_dir = Path(out_dir)
-    conditions = sweep_conditions(layers, alphas, pair.n_layers, controls=controls)
+    conditions = sweep_conditions(layers, alphas, pair.n_layers, controls=controls, ablation=ablation)
     run_generations(
         pair,
         questions,
@@ -170,6 +177,7 @@ def sweep_run(
         samples,
         progress=generate_progress,
         provenance={**(provenance or {}), "sweep": {"layers": layers, "alphas": alphas}},
+        engine=engine,
     )
     summary = judge_run(out_dir, judge_config, progress=judge_progress)
     _, judgements = load_run(out_dir)

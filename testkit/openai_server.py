@@ -10,6 +10,10 @@
         ...
         assert server.count() == 1
 
+Other endpoints (``/v1/completions``, ``GET /v1/models``, ``/openapi.json`` of a vLLM server) are
+``routes``: ``{("POST", "/v1/completions"): handler}``, the handler taking the parsed body (None
+for a GET) and returning ``(status, JSON payload)``.
+
 The script gets the parsed JSON body of each POST /v1/chat/completions and returns a Reply:
 a success (top log-probs of the first token, or text without log-probs), an HTTP error
 status, a malformed body, and optionally a delay before answering (timeouts, throughput
@@ -104,6 +108,7 @@ class RecordedRequest:
 
 
 Script = Callable[[dict[str, Any]], Reply]
+Route = Callable[[Any], tuple[int, Any]]  # parsed body (None for GET) -> (status, JSON payload)
 
 
 def user_text(request: Mapping[str, Any]) -> str:
@@ -211,8 +216,9 @@ def _completion(
 class FakeOpenAI:
     """Scripted OpenAI-compatible server on a free loopback port; use as a context manager."""
 
-    def __init__(self, script: Script) -> None:
+    def __init__(self, script: Script | None = None, routes: Mapping[tuple[str, str], Route] | None = None) -> None:
         self.script = script
+        self.routes = dict(routes or {})
         self.requests: list[RecordedRequest] = []
         self.in_flight = 0
         self.max_in_flight = 0
@@ -288,7 +294,9 @@ def _make_handler(owner: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
                 body = raw.decode("utf-8", "replace")
             owner._record(RecordedRequest("POST", self.path, self._header_dict(), body))
             try:
-                if self.path.rstrip("/") != "/v1/chat/completions" or not isinstance(body, dict):
+                if self._route("POST", body):
+                    return
+                if self.path.rstrip("/") != "/v1/chat/completions" or not isinstance(body, dict) or not owner.script:
                     self._send(404, _error_body(404, f"no route for POST {self.path}"))
                     return
                 try:
@@ -312,9 +320,23 @@ def _make_handler(owner: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
         def do_GET(self) -> None:
             owner._record(RecordedRequest("GET", self.path, self._header_dict(), None))
             try:
-                self._send(404, _error_body(404, f"no route for GET {self.path}"))
+                if not self._route("GET", None):
+                    self._send(404, _error_body(404, f"no route for GET {self.path}"))
             finally:
                 owner._done()
+
+        def _route(self, method: str, body: Any) -> bool:
+            """Answer from ``routes`` when one matches; False when none does."""
+            handler = owner.routes.get((method, self.path.rstrip("/")))
+            if handler is None:
+                return False
+            try:
+                status, payload = handler(body)
+            except Exception as exc:  # a broken handler must fail the test, not hang it
+                owner.script_errors.append(exc)
+                status, payload = 500, {"error": {"message": f"route raised {exc!r}"}}
+            self._send(status, json.dumps(payload).encode())
+            return True
 
         def _header_dict(self) -> dict[str, str]:
             return {name.lower(): value for name, value in self.headers.items()}

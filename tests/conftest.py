@@ -13,7 +13,7 @@ from testkit.tiny import write_tiny_adapter, write_tiny_model
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
-TIERS = ("unit", "integration", "app", "behaviour", "browser")  # the markers declared in pyproject.toml
+TIERS = ("unit", "integration", "app", "behaviour", "browser", "vllm")  # the markers declared in pyproject.toml
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker

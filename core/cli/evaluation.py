@@ -8,6 +8,7 @@ from pathlib import Path
 from core.cli import (
     command,
     emit,
+    load_options,
     load_pair_from,
     model_arguments,
     progress_bar,
@@ -73,6 +74,68 @@ def judge_config_from(args, several: bool = False):
     return configs if several else configs[0]
 
 
+def engine_arguments(parser):
+    group = parser.add_argument_group("engine (where the answers are sampled)")
+    group.add_argument(
+        "--engine",
+        choices=("hf", "server"),
+        default="hf",
+        help="hf: in process, exact hooks (default); server: an OpenAI-compatible server such as vLLM "
+        "(steered cells need the vllm-lens plugin there; no ablation)",
+    )
+    group.add_argument(
+        "--server-url",
+        default=None,
+        help="http://HOST:PORT/v1; a comma list spreads the requests over servers serving the same models",
+    )
+    group.add_argument(
+        "--server-model",
+        action="append",
+        default=[],
+        metavar="SIDE=NAME",
+        help="a side's served name, e.g. finetuned=em-finance (default: the server's base model and its one "
+        "LoRA adapter); repeat for both sides",
+    )
+    group.add_argument("--server-api-key", default=None, help="default: the EMLENS_SERVER_API_KEY environment variable")
+    group.add_argument("--server-concurrency", type=int, default=32, help="requests in flight per server")
+    group.add_argument("--server-timeout", type=float, default=600.0, help="seconds for one answer")
+
+
+def pair_and_engine(args):
+    """The pair and the engine of --engine: the loaded pair and None (in process), or the served
+    pair (tokenizer and config, no weights) and a ServerEngine."""
+    options = {
+        "--server-url": args.server_url,
+        "--server-model": args.server_model,
+        "--server-api-key": args.server_api_key,
+    }
+    if args.engine == "hf":
+        given = [flag for flag, value in options.items() if value]
+        if given:
+            raise InputError(f"{given[0]} needs --engine server")
+        return load_pair_from(args), None
+    from core.server_engine import ServerConfig, ServerEngine, served_pair
+
+    if not args.server_url:
+        raise InputError("--engine server needs --server-url http://HOST:PORT/v1")
+    models = {}
+    for item in args.server_model:
+        side, equals, name = item.partition("=")
+        if not equals or not name.strip():
+            raise InputError(f"--server-model {item!r}: expected SIDE=NAME, e.g. finetuned=em-finance")
+        if side.strip() in models:
+            raise InputError(f"--server-model: the {side.strip()} side is named twice")
+        models[side.strip()] = name.strip()
+    config = ServerConfig(
+        urls=tuple(u.strip() for u in args.server_url.split(",") if u.strip()),
+        models=models,
+        api_key=args.server_api_key,
+        concurrency=args.server_concurrency,
+        timeout_s=args.server_timeout,
+    )
+    return served_pair(args.base, args.finetuned, load_options(args)), ServerEngine(config)
+
+
 def questions_provenance(path: Path) -> dict:
     from core.data import dataset_hash
 
@@ -82,6 +145,7 @@ def questions_provenance(path: Path) -> dict:
 def _eval_arguments(parser):
     model_arguments(parser)
     sampling_arguments(parser)
+    engine_arguments(parser)
     parser.set_defaults(max_new_tokens=128)
     parser.add_argument(
         "--questions",
@@ -107,7 +171,7 @@ def run_generate_eval(args) -> int:
     questions = load_questions(args.questions)
     variants = parse_variants(args.variants)
     direction = Direction.load(args.direction) if args.direction else None
-    pair = load_pair_from(args)
+    pair, engine = pair_and_engine(args)
     layers = parse_layers(args.layer, pair.n_layers) if args.layer is not None else []
     out = run_folder(args, "eval")
     rows = run_generations(
@@ -120,6 +184,7 @@ def run_generate_eval(args) -> int:
         args.samples,
         progress=progress_bar("generate"),
         provenance=questions_provenance(args.questions),
+        engine=engine,
     )
     print(f"{len(rows)} answers in {out / 'generations.jsonl'}")
     return 0
@@ -207,6 +272,7 @@ def run_em(args) -> int:
 def _sweep_arguments(parser):
     model_arguments(parser)
     sampling_arguments(parser)
+    engine_arguments(parser)
     judge_arguments(parser)
     parser.set_defaults(max_new_tokens=96)
     parser.add_argument("--questions", type=Path, default=QUESTIONS)
@@ -215,6 +281,9 @@ def _sweep_arguments(parser):
     parser.add_argument("--layers", required=True, help="comma list of layers, e.g. 10,15,20")
     parser.add_argument("--alphas", default="1,2,4")
     parser.add_argument("--no-controls", action="store_true", help="skip the random-vector control cells")
+    parser.add_argument(
+        "--no-ablation", action="store_true", help="skip the ablation cells (a server cannot ablate: --engine server)"
+    )
     parser.add_argument("--out", type=Path, default=None, help="run folder (default: cache/runs/sweep-<time>)")
     parser.add_argument("--json", action="store_true")
 
@@ -234,7 +303,7 @@ def run_sweep(args) -> int:
     config = judge_config_from(args)
     questions = load_questions(args.questions)
     direction = Direction.load(args.direction)
-    pair = load_pair_from(args)
+    pair, engine = pair_and_engine(args)
     result = sweep_run(
         pair,
         questions,
@@ -249,6 +318,8 @@ def run_sweep(args) -> int:
         provenance=questions_provenance(args.questions),
         generate_progress=progress_bar("generate"),
         judge_progress=progress_bar("judge"),
+        ablation=not args.no_ablation,
+        engine=engine,
     )
     figure = Path(result.run) / SWEEP_HTML
     atomic_write(figure, figure_html(sweep_figure(result.cells)))
