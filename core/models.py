@@ -461,8 +461,34 @@ class Run:
     hooked: list  # what each hook yielded, in order
 
 
+class PairShape:
+    """Sides, width, depth and their checks, for a pair held here or on a server (needs ``config``
+    and ``finetuned``)."""
+
+    @property
+    def sides(self) -> tuple[str, ...]:
+        return SIDES if self.finetuned is not None else ("base",)
+
+    @property
+    def n_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    @property
+    def d_model(self) -> int:
+        return self.config.hidden_size
+
+    def check_side(self, side: str) -> None:
+        if side not in self.sides:
+            raise PairError(f"side {side!r}: expected one of {', '.join(self.sides)}")
+
+    def check_layer(self, layer: int) -> int:
+        if not isinstance(layer, int) or not 0 <= layer < self.n_layers:
+            raise PairError(f"layer {layer}: out of range; this model has layers 0..{self.n_layers - 1}")
+        return layer
+
+
 @dataclass
-class ModelPair:
+class ModelPair(PairShape):
     model: torch.nn.Module  # the base weights (a PeftModel when the fine-tune is an adapter)
     tokenizer: object
     base: Source
@@ -475,20 +501,8 @@ class ModelPair:
         return self.finetuned is not None and self.finetuned.kind == "adapter"
 
     @property
-    def sides(self) -> tuple[str, ...]:
-        return SIDES if self.finetuned is not None else ("base",)
-
-    @property
     def config(self):
         return self.model.config
-
-    @property
-    def n_layers(self) -> int:
-        return self.config.num_hidden_layers
-
-    @property
-    def d_model(self) -> int:
-        return self.config.hidden_size
 
     @property
     def device(self) -> torch.device:
@@ -501,10 +515,6 @@ class ModelPair:
     @property
     def max_length(self) -> int:
         return int(getattr(self.config, "max_position_embeddings", 0) or 1 << 30)
-
-    def check_side(self, side: str) -> None:
-        if side not in self.sides:
-            raise PairError(f"side {side!r}: expected one of {', '.join(self.sides)}")
 
     def fingerprint(self, side: str) -> str:
         """What determines one side's activations: weights, adapter, dtype."""
@@ -520,11 +530,6 @@ class ModelPair:
 
     def layers(self, side: str) -> torch.nn.ModuleList:
         return decoder_layers(self.module(side))
-
-    def check_layer(self, layer: int) -> int:
-        if not isinstance(layer, int) or not 0 <= layer < self.n_layers:
-            raise PairError(f"layer {layer}: out of range; this model has layers 0..{self.n_layers - 1}")
-        return layer
 
     @contextmanager
     def side(self, side: str):

@@ -44,6 +44,7 @@ from core.models import (
     SIDES,
     LoadOptions,
     PairError,
+    PairShape,
     Source,
     adapter_fingerprint,
     load_tokenizer,
@@ -104,7 +105,7 @@ class ServerConfig:
 
 
 @dataclass
-class ServedPair:
+class ServedPair(PairShape):
     """A pair whose weights a server holds: what sampling needs on this side (the tokenizer, the
     shape for checking directions and layers, the stop tokens) and the provenance of both sides."""
 
@@ -115,29 +116,8 @@ class ServedPair:
     stop_ids: set[int]
 
     @property
-    def sides(self) -> tuple[str, ...]:
-        return SIDES if self.finetuned is not None else ("base",)
-
-    @property
-    def n_layers(self) -> int:
-        return self.config.num_hidden_layers
-
-    @property
-    def d_model(self) -> int:
-        return self.config.hidden_size
-
-    @property
     def max_length(self) -> int:
         return int(getattr(self.config, "max_position_embeddings", 0) or 1 << 30)
-
-    def check_side(self, side: str) -> None:
-        if side not in self.sides:
-            raise PairError(f"side {side!r}: expected one of {', '.join(self.sides)}")
-
-    def check_layer(self, layer: int) -> int:
-        if not isinstance(layer, int) or not 0 <= layer < self.n_layers:
-            raise PairError(f"layer {layer}: out of range; this model has layers 0..{self.n_layers - 1}")
-        return layer
 
     def info(self) -> dict:
         architectures = getattr(self.config, "architectures", None) or ["unknown"]
