@@ -7,12 +7,28 @@ import streamlit as st
 
 import ui
 from core import plots
-from core.anatomy import DEFAULT_PROMPTS, READS, Attribution, direct_attribution, logit_lens
+from core.anatomy import DEFAULT_PROMPTS, READS, Attribution, LensLayer, direct_attribution, logit_lens
 from core.cache import Cache
 from core.data import load_paired_jsonl
 from core.directions import cosine_per_layer, layer_cosines, list_directions
 from core.preference import PreferenceError, best_layer
 from core.sae import SAELatents, answer_sets, extraction_data, load_sae, sae_latents
+
+
+def lens_table(lens: LensLayer, side: str) -> None:
+    st.dataframe(
+        pd.DataFrame(
+            {
+                "promotes": [repr(t.token) for t in lens.promoted],
+                "+ logit": [t.score for t in lens.promoted],
+                "suppresses": [repr(t.token) for t in lens.suppressed],
+                "− logit": [t.score for t in lens.suppressed],
+            }
+        ),
+        hide_index=True,
+        key=f"directions_lens_{side}",
+    )
+
 
 ui.init_session()  # a page opened by its own URL runs without app.py
 
@@ -70,22 +86,21 @@ st.caption(
     "The tokens whose logits a residual pointing along the direction at this layer raises (+) and lowers (−) "
     "most, read through the model's final norm (its gain) and unembedding: the logit change at unit RMS."
 )
-for column, side in zip(st.columns(len(pair.sides)), pair.sides):
-    with column, ui.guard():
-        (lens,) = logit_lens(pair, direction, [layer], side, top_k=10, cache=Cache(ui.cache_root()))
-        st.caption(f"**{side}**")
-        st.dataframe(
-            pd.DataFrame(
-                {
-                    "promotes": [repr(t.token) for t in lens.promoted],
-                    "+ logit": [t.score for t in lens.promoted],
-                    "suppresses": [repr(t.token) for t in lens.suppressed],
-                    "− logit": [t.score for t in lens.suppressed],
-                }
-            ),
-            hide_index=True,
-            key=f"directions_lens_{side}",
-        )
+with ui.guard():
+    lenses = {
+        side: logit_lens(pair, direction, [layer], side, top_k=10, cache=Cache(ui.cache_root()))[0]
+        for side in pair.sides
+    }
+    first = next(iter(lenses.values()))
+    if all((lens.promoted, lens.suppressed) == (first.promoted, first.suppressed) for lens in lenses.values()):
+        if len(lenses) > 1:
+            st.caption("The same on both sides: the fine-tune leaves the final norm and the unembedding as they were.")
+        lens_table(first, "all")
+    else:
+        for column, (side, lens) in zip(st.columns(len(lenses)), lenses.items()):
+            with column:
+                st.caption(f"**{side}**")
+                lens_table(lens, side)
 
 st.markdown("**Who writes it: direct attribution**")
 st.caption(
