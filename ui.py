@@ -22,7 +22,7 @@ from core.cache import DEFAULT_ROOT
 from core.chat import ChatError, user_prompt
 from core.directions import Direction
 from core.errors import user_message
-from core.models import LoadError, LoadOptions, ModelPair, load_pair
+from core.models import LoadOptions, ModelPair, load_pair
 from core.organism import directions_for
 from core.starters import starters
 
@@ -78,6 +78,7 @@ def session_defaults() -> dict:
         "evaluate_run": None,  # Evaluate: the run shown (a folder)
         "directions_attribution": None,  # Directions: the last direct attribution, with the pair and direction
         "directions_sae": None,  # Directions: the last SAE latents, with the pair and direction
+        "studies_last": None,  # Studies: the folder name of the study last started from the page
     }
 
 
@@ -101,10 +102,7 @@ def default_spec() -> dict:
 
 def _load(spec: dict) -> ModelPair:
     options = LoadOptions(device=spec["device"], dtype=spec["dtype"], cache_root=Path(spec["cache"]))
-    try:
-        return load_pair(spec["base"], spec["finetuned"], options)
-    except RuntimeError as err:  # torch's word for a device that is mistyped, absent or full
-        raise LoadError(f"device {spec['device']!r}: {err}") from err
+    return load_pair(spec["base"], spec["finetuned"], options)
 
 
 class LoadedPair:

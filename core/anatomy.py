@@ -26,7 +26,7 @@ from core.cache import Cache, canonical_json, make_key, sha256_bytes
 from core.chat import encode_conversation, encode_prompt, prompt_and_answer
 from core.errors import InputError
 from core.hooks import block_hidden
-from core.models import ASSETS
+from core.models import ASSETS, decoder_layers
 from core.typed_json import JsonRecord
 
 if TYPE_CHECKING:  # the command line reads READS without paying for these modules' imports
@@ -77,7 +77,7 @@ class LensLayer(JsonRecord):
     suppressed: list[TokenScore]  # lowest score first
 
 
-def final_norm(model) -> torch.nn.Module:
+def _final_norm(model) -> torch.nn.Module:
     """The norm applied to the last block's output before the unembedding."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder = inner.get_decoder() if hasattr(inner, "get_decoder") else getattr(inner, "model", inner)
@@ -88,10 +88,10 @@ def final_norm(model) -> torch.nn.Module:
     raise AnatomyError(f"cannot find the final norm of {type(inner).__name__} (looked for norm, ln_f, ...)")
 
 
-def direction_logits(model, units: torch.Tensor) -> torch.Tensor:
+def _direction_logits(model, units: torch.Tensor) -> torch.Tensor:
     """``[n, vocab]`` logit changes of unit vectors ``[n, d_model]`` read through ``model``'s final norm and
     unembedding (see :func:`logit_lens` for how the norm is treated)."""
-    norm, unembed = final_norm(model), model.get_output_embeddings()
+    norm, unembed = _final_norm(model), model.get_output_embeddings()
     parameter = next(unembed.parameters())
     residual = units.float() * math.sqrt(units.shape[-1])  # unit RMS, like a residual the norm has rescaled
     batch = torch.cat([residual, residual.new_zeros(1, residual.shape[-1])]).to(parameter.device, parameter.dtype)
@@ -125,7 +125,7 @@ def logit_lens(
 
     def compute() -> list[dict]:
         with pair.side(side) as model:
-            scores = direction_logits(model, direction.unit()[layers])
+            scores = _direction_logits(model, direction.unit()[layers])
         top, bottom = scores.topk(top_k, dim=-1), scores.topk(top_k, dim=-1, largest=False)
 
         def tokens(values, ids) -> list[TokenScore]:
@@ -382,7 +382,7 @@ def _check_decomposition(attribution: Attribution, dtype: torch.dtype, architect
         )
 
 
-def records_digest(records: Sequence[PairedRecord]) -> str:
+def _records_digest(records: Sequence[PairedRecord]) -> str:
     """What identifies a prompt set for the cache: the texts themselves, wherever they were read from."""
     return sha256_bytes(canonical_json([[r.messages, r.aligned, r.misaligned] for r in records]).encode())[:16]
 
@@ -416,7 +416,7 @@ def direct_attribution(
         raise AnatomyError("the prompt set is empty")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise AnatomyError(f"batch size {batch_size}: expected a whole number of at least 1")
-    _blocks_parts(pair.layers(side))
+    _blocks_parts(decoder_layers(pair.module(side)))
 
     def compute() -> list[dict]:
         if read == "contrast":
@@ -428,7 +428,7 @@ def direct_attribution(
         else:
             results = _attribute(pair, side, direction, layers, records, read, batch_size, progress)
         for result in results:
-            _check_decomposition(result, pair.dtype, type(pair.layers(side)[0]).__name__)
+            _check_decomposition(result, pair.dtype, type(decoder_layers(pair.module(side))[0]).__name__)
         return [r.to_json() for r in results]
 
     if cache is None:
@@ -440,7 +440,7 @@ def direct_attribution(
             direction=direction.fingerprint,
             layers=layers,
             read=read,
-            prompts=records_digest(records),
+            prompts=_records_digest(records),
         )
         rows = cache.json(key, compute)
     return [Attribution.from_json(row, "cached attribution") for row in rows]

@@ -4,7 +4,9 @@ Layer i is the output of decoder block i (``output_hidden_states[i + 1]``). Bloc
 bare tensor in recent transformers and a tuple ``(hidden, ...)`` in older ones; both are
 handled. Every hook is a context manager that removes itself on exit, exceptions included.
 Hooks run in registration order, so a ``capture`` opened inside a ``steer`` sees the
-steered stream.
+steered stream. They take the layers of one side of a pair: pass them to ``pair.run`` /
+``pair.running``, which hold the pair's lock while they are installed (``pair.layers`` refuses a
+thread that does not hold it).
 """
 
 from __future__ import annotations

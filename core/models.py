@@ -74,8 +74,14 @@ class LoadOptions:
 
 def resolve_device(device: str = "auto") -> str:
     if device != "auto":
-        if device.startswith("cuda") and not torch.cuda.is_available():
+        try:
+            kind = torch.device(device).type
+        except RuntimeError:  # torch's word for a device string it cannot read
+            raise LoadError(f"--device {device!r}: expected auto, cpu, cuda, cuda:N or mps") from None
+        if kind == "cuda" and not torch.cuda.is_available():
             raise LoadError(f"--device {device}: CUDA is not available on this machine")
+        if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise LoadError(f"--device {device}: MPS is not available on this machine")
         return device
     if torch.cuda.is_available():
         return "cuda"
@@ -129,7 +135,7 @@ def fingerprint_files(directory: Path, names: list[str]) -> str:
     return sha256_bytes("\n".join(parts).encode())[:16]
 
 
-def check_contained(directory: Path, what: str) -> None:
+def _check_contained(directory: Path, what: str) -> None:
     """Refuse a model directory with files that lead outside it (a link to elsewhere on disk).
 
     The one exception is the Hugging Face cache layout, where a snapshot's files link into the
@@ -148,7 +154,7 @@ def check_contained(directory: Path, what: str) -> None:
 
 
 def _weight_names(directory: Path, allow_pickle: bool, what: str) -> list[str]:
-    check_contained(directory, what)
+    _check_contained(directory, what)
     names = [p.name for p in directory.iterdir() if p.is_file()]
     weights = [n for n in names if n.endswith(".safetensors")]
     pickles = [n for n in names if n.endswith(PICKLE_SUFFIXES)]
@@ -281,7 +287,7 @@ def load_base(spec: str, options: LoadOptions):
 # ---------------------------------------------------------------- fine-tune
 
 
-def check_adapter_shapes(base_model, adapter_dir: Path, weights: str) -> None:
+def _check_adapter_shapes(base_model, adapter_dir: Path, weights: str) -> None:
     """Refuse an adapter built for another architecture, naming the first mismatch."""
     n_layers = base_model.config.num_hidden_layers
     with safe_open(str(adapter_dir / weights), framework="pt") as handle:
@@ -314,7 +320,7 @@ def check_adapter_shapes(base_model, adapter_dir: Path, weights: str) -> None:
                 )
 
 
-def check_same_architecture(base_config, other_config, spec: str) -> None:
+def _check_same_architecture(base_config, other_config, spec: str) -> None:
     for name in ("num_hidden_layers", "hidden_size", "vocab_size"):
         a, b = getattr(base_config, name, None), getattr(other_config, name, None)
         if a != b:
@@ -328,7 +334,7 @@ def adapter_fingerprint(directory: Path, allow_pickle: bool = False) -> str:
     return fingerprint_files(directory, ["adapter_config.json", *_weight_names(directory, allow_pickle, "adapter")])
 
 
-def attach_finetuned(model, spec: str, options: LoadOptions):
+def _attach_finetuned(model, spec: str, options: LoadOptions):
     """Returns (model, merged_model_or_None, Source) for --finetuned."""
     from peft import PeftModel
 
@@ -340,7 +346,7 @@ def attach_finetuned(model, spec: str, options: LoadOptions):
         )
     if path.is_dir() and (path / "adapter_config.json").exists():
         weights = _weight_names(path, options.allow_pickle, "--finetuned")
-        check_adapter_shapes(model, path, weights[0])
+        _check_adapter_shapes(model, path, weights[0])
         fingerprint = adapter_fingerprint(path, options.allow_pickle)
         try:
             with warnings.catch_warnings():  # peft asks transformers a deprecated question; not ours to fix
@@ -352,7 +358,7 @@ def attach_finetuned(model, spec: str, options: LoadOptions):
         return peft_model, None, Source(spec, "adapter", str(path.resolve()), fingerprint)
     if path.is_dir() and (path / "config.json").exists():
         merged, source, _, _ = _load_weights(str(path), options, "--finetuned")
-        check_same_architecture(model.config, merged.config, spec)
+        _check_same_architecture(model.config, merged.config, spec)
         return model, merged, Source(spec, "merged", source.location, source.fingerprint)
     if path.exists():
         raise LoadError(
@@ -366,7 +372,7 @@ def attach_finetuned(model, spec: str, options: LoadOptions):
             local = snapshot_download(spec.partition("@")[0], revision=spec.partition("@")[2] or None)
         except Exception as err:
             raise LoadError(f"--finetuned {spec}: not a local path and not reachable on the hub: {err}") from err
-        return attach_finetuned(model, local, options)
+        return _attach_finetuned(model, local, options)
     raise LoadError(f"--finetuned {spec}: the adapter path does not exist")
 
 
@@ -487,6 +493,35 @@ class PairShape:
         return layer
 
 
+class PairLock:
+    """The pair's re-entrant lock, which also knows whether the calling thread holds it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._owner: int | None = None
+        self._depth = 0
+
+    def __enter__(self) -> PairLock:
+        self._lock.acquire()
+        self._owner, self._depth = threading.get_ident(), self._depth + 1
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._depth -= 1
+        if self._depth == 0:
+            self._owner = None
+        self._lock.release()
+
+    def held(self) -> bool:
+        return self._owner == threading.get_ident()
+
+
+class UnlockedHooksError(RuntimeError):
+    """Hooks were about to go on the pair's layers without holding the pair: a bug in the calling
+    code (not an EMLensError, so it surfaces with its traceback), since such a hook would steer or
+    read every other user's forward passes."""
+
+
 @dataclass
 class ModelPair(PairShape):
     model: torch.nn.Module  # the base weights (a PeftModel when the fine-tune is an adapter)
@@ -494,7 +529,7 @@ class ModelPair(PairShape):
     base: Source
     finetuned: Source | None
     merged: torch.nn.Module | None = None  # a merged fine-tune: a second model
-    lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+    lock: PairLock = field(default_factory=PairLock, repr=False)
 
     @property
     def is_adapter(self) -> bool:
@@ -529,6 +564,14 @@ class ModelPair(PairShape):
         return self.merged if side == "finetuned" and self.merged is not None else self.model
 
     def layers(self, side: str) -> torch.nn.ModuleList:
+        """One side's decoder blocks, to install hooks on: only while this thread holds the pair
+        (inside ``pair.running``, ``pair.side`` or ``with pair.lock``), since a hook on a shared
+        module acts on every forward pass of every user of the pair."""
+        if not self.lock.held():
+            raise UnlockedHooksError(
+                "hooks go on the pair's layers only while holding the pair: pass them to "
+                "pair.run / pair.running(side, hooks), or install them inside `with pair.lock:`"
+            )
         return decoder_layers(self.module(side))
 
     @contextmanager
@@ -575,7 +618,7 @@ class ModelPair(PairShape):
         directory = ADAPTER_PRESETS.get(str(directory)) or Path(directory)
         if not (Path(directory) / "adapter_config.json").exists():
             raise LoadError(f"{directory}: not a PEFT adapter directory (no adapter_config.json)")
-        check_adapter_shapes(
+        _check_adapter_shapes(
             self.model.get_base_model(), Path(directory), _weight_names(Path(directory), False, "adapter")[0]
         )
         active = self.model.active_adapter
@@ -693,5 +736,5 @@ def load_pair(base: str = DEFAULT, finetuned: str | None = DEFAULT, options: Loa
     model, tokenizer, base_source = load_base(base, options)
     if finetuned in (None, "", "none"):
         return ModelPair(model, tokenizer, base_source, None)
-    model, merged, finetuned_source = attach_finetuned(model, finetuned, options)
+    model, merged, finetuned_source = _attach_finetuned(model, finetuned, options)
     return ModelPair(model, tokenizer, base_source, finetuned_source, merged)

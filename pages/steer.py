@@ -145,7 +145,8 @@ with ui.guard():
     if state is None or state["request"] != request:
         time.sleep(DEBOUNCE_S)
         state = st.session_state.steer_result = {"request": request, "titles": titles, "rows": None}
-        columns = st.columns(len(variants))
+        live = st.empty()  # the streaming grid, replaced below by the finished one with its captions and chart
+        columns = live.container().columns(len(variants))
         placeholders = [column.container(border=True) for column in columns]
         for title, placeholder in zip(titles, placeholders):
             placeholder.markdown(f"**{title}**")
@@ -163,7 +164,7 @@ with ui.guard():
             ),
             slots,
         )
-        st.rerun()  # draw the finished grid with its captions and chart from the stored rows
+        live.empty()
 
 state = st.session_state.steer_result
 if state is not None and state["rows"]:

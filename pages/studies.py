@@ -60,7 +60,7 @@ def show_studies(root) -> None:
     if not finished:
         return
     names = [e.path.name for e in finished]
-    last = st.session_state.get("studies_last")
+    last = st.session_state.studies_last
     chosen = st.selectbox("Open a report", names, index=names.index(last) if last in names else 0, key="studies_open")
     entry = finished[names.index(chosen)]
     page = (entry.path / REPORT_HTML).read_text()

@@ -16,7 +16,7 @@ from core.cache import Cache
 from core.cli import main
 from core.data import PairedRecord
 from core.directions import Direction, DirectionError, Example, extract_contrast
-from core.models import PairError, load_pair
+from core.models import PairError, decoder_layers, load_pair
 from core.projections import last_token_activations
 from testkit.cache import entry_keys, stamps
 from testkit.dashboard import ALIGNED, MISALIGNED
@@ -155,7 +155,7 @@ def test_each_head_is_its_slice_of_the_output_projection(o_proj_pair):
     record = RECORDS[:1]
     n_heads = pair.config.num_attention_heads
     for side in pair.sides:
-        module = pair.layers(side)[block].self_attn.o_proj
+        module = decoder_layers(pair.module(side))[block].self_attn.o_proj
         weight = module.base_layer.weight.detach().clone()
         if side == "finetuned":
             weight += module.get_delta_weight(pair.model.active_adapter).detach()

@@ -14,6 +14,7 @@ import torch
 from core.chat import user_prompt
 from core.directions import Direction, extract_contrast
 from core.generation import Sampling, Variant, generate, stream
+from core.models import decoder_layers
 from core.projections import prompt_projections
 from testkit.dashboard import ALIGNED, MISALIGNED
 
@@ -85,7 +86,10 @@ def _rss_mb() -> float:
 
 
 def _hook_counts(pair) -> dict[str, list[int]]:
-    return {side: [len(layer._forward_hooks) for layer in pair.layers(side)] for side in pair.sides}
+    return {
+        side: [len(layer._forward_hooks) + len(layer._forward_pre_hooks) for layer in decoder_layers(pair.module(side))]
+        for side in pair.sides
+    }
 
 
 def test_concurrent_sessions_see_exactly_what_they_see_alone(tiny_pair):

@@ -37,11 +37,10 @@ def test_answer_activations_are_token_weighted_means_over_the_answer_span(tiny_p
 def test_extraction_recovers_a_planted_direction_and_calibrates_sets_to_0_and_1(tiny_pair):
     torch.manual_seed(0)
     planted = torch.randn(tiny_pair.d_model)
-    layers = tiny_pair.layers("finetuned")
     # The misaligned set is the same texts with a known vector added at layer 1: the difference
     # at layer 1 is then exactly that vector, whatever the texts.
     aligned = answer_activations(tiny_pair, "finetuned", ALIGNED)
-    with steer(layers, {1: planted}, 5.0):
+    with tiny_pair.lock, steer(tiny_pair.layers("finetuned"), {1: planted}, 5.0):
         misaligned = answer_activations(tiny_pair, "finetuned", ALIGNED)
     from core.directions import direction_from_sets
 
@@ -64,7 +63,7 @@ def test_planted_direction_is_recovered_from_different_texts(tiny_pair):
     torch.manual_seed(1)
     planted = torch.randn(tiny_pair.d_model)
     aligned = answer_activations(tiny_pair, "finetuned", ALIGNED)
-    with steer(tiny_pair.layers("finetuned"), {2: planted}, 200.0):
+    with tiny_pair.lock, steer(tiny_pair.layers("finetuned"), {2: planted}, 200.0):
         misaligned = answer_activations(tiny_pair, "finetuned", MISALIGNED)
     vectors = misaligned.pooled_mean() - aligned.pooled_mean()
     assert torch.nn.functional.cosine_similarity(vectors[2], planted, dim=0) > 0.99

@@ -9,7 +9,7 @@ import torch
 
 from core.chat import encode_prompt, user_prompt
 from core.hooks import capture, last_token, steer
-from core.models import pad_batch
+from core.models import UnlockedHooksError, decoder_layers, pad_batch
 
 PROMPTS = ["Hi", "What is the capital of France, and why is it there?", "Tell me a short story about a cat."]
 
@@ -19,7 +19,9 @@ def _ids(pair):
 
 
 def _hook_count(pair) -> int:
-    return sum(len(layer._forward_hooks) + len(layer._forward_pre_hooks) for layer in pair.layers("finetuned"))
+    return sum(
+        len(layer._forward_hooks) + len(layer._forward_pre_hooks) for layer in decoder_layers(pair.module("finetuned"))
+    )
 
 
 def test_pad_batch_uses_the_pad_token_and_counts_positions_over_real_tokens(tiny_pair):
@@ -105,6 +107,27 @@ def test_a_held_pair_makes_other_threads_wait(tiny_pair):
         forward(pad_batch(tiny_pair.tokenizer, [row]))
     thread.join(timeout=30)
     assert torch.equal(other["logits"], plain)
+
+
+def test_layers_for_hooks_are_handed_out_only_to_the_thread_holding_the_pair(tiny_pair):
+    with pytest.raises(UnlockedHooksError, match="only while holding the pair"):
+        tiny_pair.layers("finetuned")
+    with tiny_pair.lock:
+        assert list(tiny_pair.layers("finetuned")) == list(decoder_layers(tiny_pair.module("finetuned")))
+        refused: list = []
+
+        def other_thread():
+            try:
+                tiny_pair.layers("finetuned")
+            except UnlockedHooksError as err:
+                refused.append(err)
+
+        thread = threading.Thread(target=other_thread)
+        thread.start()
+        thread.join(timeout=30)
+        assert len(refused) == 1  # this thread's hold does not cover another thread
+    with pytest.raises(UnlockedHooksError):  # released again
+        tiny_pair.layers("finetuned")
 
 
 def test_run_names_an_input_longer_than_the_context(tiny_pair):

@@ -7,6 +7,13 @@ from core.chat import encode_prompt, user_prompt
 from core.hooks import ablate, capture, steer
 
 
+@pytest.fixture(autouse=True)
+def holding_the_pairs(tiny_pair, llama_pair):
+    """These tests put hooks on the layers directly, so they hold the pairs as ``pair.running`` does."""
+    with tiny_pair.lock, llama_pair.lock:
+        yield
+
+
 def _inputs(pair, text="Hello, what is the capital of France?"):
     ids = torch.tensor([encode_prompt(pair.tokenizer, user_prompt(text))])
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}

@@ -91,8 +91,7 @@ def test_a_branched_pass_equals_one_steered_pass_per_branch(pair_name, request):
     for side in ("base", "finetuned"):
         branched = branched_log_odds(pair, side, RECORDS, layer, shifts, batch_size=6)
         for shift, values in zip(shifts, branched):
-            hook = steer(pair.layers(side), {layer: shift}, 1.0) if shift is not None else nullcontext()
-            with pair.lock, hook:
+            with pair.lock, steer(pair.layers(side), {layer: shift}, 1.0) if shift is not None else nullcontext():
                 expected = log_odds(pair, side, RECORDS, batch_size=4)
             assert np.allclose(values, expected, atol=1e-5), (side, values - expected)
         assert not np.allclose(branched[0], branched[1])  # the branches really differ

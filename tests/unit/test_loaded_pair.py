@@ -7,6 +7,7 @@ import time
 import pytest
 
 import ui
+from core.models import LoadError
 
 SPEC = {"base": "b", "finetuned": "f", "device": "cpu", "dtype": "auto", "cache": "cache"}
 
@@ -27,7 +28,7 @@ class StandInLoader:
         with self.count:
             self.running -= 1
         if spec["base"] == "fail":
-            raise ui.LoadError("no such model")
+            raise LoadError("no such model")
         return object()
 
 
@@ -44,7 +45,7 @@ def test_one_load_per_spec_and_the_held_pair_released_first(holder):
     other = holder.get({**SPEC, "finetuned": "none"})
     assert other is not first and ui._load.loads[1][1] is None  # nothing held while the other one loaded
     assert holder.spec == {**SPEC, "finetuned": "none"}
-    with pytest.raises(ui.LoadError):
+    with pytest.raises(LoadError):
         holder.get({**SPEC, "base": "fail"})
     assert holder.pair is None and holder.spec is None  # a failed load holds nothing
     holder.get(SPEC)
