@@ -45,19 +45,19 @@ MIN_GROUPS = 10  # below this many groups in a half, an AUROC's interval spans m
 # ---------------------------------------------------------------- labels
 
 
-def record_group(record) -> str:
+def _record_group(record) -> str:
     """A paired record's group: its ``group`` key, else its ``theme`` (the shipped general prompts ask
     about one theme in several wordings), else its own id (each finance question is distinct)."""
     return str(record.extra.get("group") or record.extra.get("theme") or record.id)
 
 
-def answer_tokens(tokenizer, text: str) -> int:
+def _answer_tokens(tokenizer, text: str) -> int:
     return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def answer_length_gap(tokenizer, record) -> int:
     """Harmful minus sound answer length in tokens (the harmful answer is often the shorter one)."""
-    return answer_tokens(tokenizer, record.misaligned) - answer_tokens(tokenizer, record.aligned)
+    return _answer_tokens(tokenizer, record.misaligned) - _answer_tokens(tokenizer, record.aligned)
 
 
 def length_matched(tokenizer, records, max_gap: int) -> tuple[list, dict]:
@@ -102,9 +102,9 @@ def labels_from_preference(
         {
             "id": r.id,
             "messages": r.messages,
-            "group": record_group(r),
+            "group": _record_group(r),
             "score": float(v),
-            "label": bool(b),
+            "misaligned": bool(b),
             "baselines": {"base_log_odds": float(lo), "answer_length_gap": float(answer_length_gap(pair.tokenizer, r))},
             "answers": [{"answer": r.misaligned, "kind": "harmful"}, {"answer": r.aligned, "kind": "sound"}],
         }
@@ -143,7 +143,7 @@ def labels_from_run(run_dir, rule: str = "any") -> list[dict]:
                 "messages": rows[0]["messages"],
                 "group": str(qid),
                 "score": rate,
-                "label": rate > 0 if rule == "any" else rate > 0.5,
+                "misaligned": rate > 0 if rule == "any" else rate > 0.5,
                 "answers": [{"answer": r["answer"], "aligned": r["aligned"], "coherent": r["coherent"]} for r in rows],
             }
         )
@@ -153,7 +153,7 @@ def labels_from_run(run_dir, rule: str = "any") -> list[dict]:
 def labelled_prompts(
     pair,
     source,
-    label: str = "any",
+    label_rule: str = "any",
     split: str = "all",
     max_length_gap: int | None = None,
     batch_size: int = 16,
@@ -164,9 +164,9 @@ def labelled_prompts(
 
     source = Path(source)
     if source.is_dir():
-        return labels_from_run(source, label), {
+        return labels_from_run(source, label_rule), {
             "source": str(source),
-            "rule": f"{label} judged sample(s) EM",
+            "rule": f"{label_rule} judged sample(s) EM",
             "score": "EM rate of the fine-tune's judged samples",
             "groups": "question id",
         }
@@ -377,7 +377,7 @@ def _prompt_table(
             id=p["id"],
             group=str(groups[i]),
             prompt=p["messages"][-1]["content"],
-            label=bool(y[i]),
+            misaligned=bool(y[i]),
             score=None if continuous is None else float(continuous[i]),
             risk=float(risk[i]),
             risk_calibrated=None if calibrated is None else float(calibrated[i]),
@@ -404,7 +404,7 @@ def detection_report(
 ) -> DetectionReport:
     """Does a prompt-stage score predict misalignment before any token is generated?
 
-    ``prompts``: dicts with ``id``, ``messages``, a binary ``label``, an optional ``group`` (default:
+    ``prompts``: dicts with ``id``, ``messages``, the binary label ``misaligned``, an optional ``group`` (default:
     its own id), an optional continuous ``score`` and optional scalar ``baselines``. Without
     ``select_prompts`` they are split by group into a selection and a report set; with them
     (transfer), every choice is made on ``select_prompts`` and every figure reported on ``prompts``.
@@ -417,7 +417,7 @@ def detection_report(
         control.check_fits(pair.n_layers, pair.d_model, "the loaded pair (control direction)")
     transfer = select_prompts is not None
     everything = [*(select_prompts or []), *prompts]
-    y = np.array([bool(p["label"]) for p in everything])
+    y = np.array([bool(p["misaligned"]) for p in everything])
     if y.all() or not y.any():
         raise DetectionError(
             f"detection needs both classes; all {len(y)} prompts are labelled {'misaligned' if y.all() else 'aligned'}"
@@ -493,7 +493,7 @@ def detect(
     source,
     select_on=None,
     control_topics: tuple | None = None,
-    label: str = "any",
+    label_rule: str = "any",
     max_length_gap: int | None = None,
     select_split: str = "all",
     heldout_fraction: float = 0.5,
@@ -513,11 +513,11 @@ def detect(
         raise DetectionError(
             "the loaded pair has no fine-tuned model: labels and prompt-stage projections are taken on the fine-tune"
         )
-    prompts, labels = labelled_prompts(pair, source, label, "all", max_length_gap, batch_size, label_progress)
+    prompts, labels = labelled_prompts(pair, source, label_rule, "all", max_length_gap, batch_size, label_progress)
     selection = None
     if select_on is not None:
         selection, select_labels = labelled_prompts(
-            pair, select_on, label, select_split, max_length_gap, batch_size, label_progress
+            pair, select_on, label_rule, select_split, max_length_gap, batch_size, label_progress
         )
     topics = control_topics or default_control_topics(direction, source)
     control = topic_control(pair, *topics, batch_size=batch_size) if topics else None

@@ -1,5 +1,5 @@
 """The early-detection report (built by :func:`core.detect.detection_report`): its fields, its JSON
-file (format ``emlens-detect/2``, whose keys the README lists) and where the cache keeps it."""
+file (format ``emlens-detect/3``, whose keys the README lists) and where the cache keeps it."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from core.typed_json import JsonRecord, absent_when_none, read_json, write_json
 if TYPE_CHECKING:
     from core.directions import Direction
 
-FORMAT = "emlens-detect/2"
+FORMAT = "emlens-detect/3"
 
 
 class DetectionError(InputError):
@@ -84,7 +84,7 @@ class PromptRisk(JsonRecord):
     id: str
     group: str
     prompt: str
-    label: bool
+    misaligned: bool  # the binary label
     score: float | None  # what the label was derived from, when continuous
     risk: float  # projection on the unit direction at the chosen layer, last prompt token
     risk_calibrated: float | None  # 0 = aligned mean, 1 = misaligned mean of the direction's sets
@@ -122,8 +122,9 @@ class DetectionReport(JsonRecord):
     def from_json(cls, value, where: str | None = None) -> DetectionReport:
         where = where or "detection report"
         if isinstance(value, dict) and value.get("format") != FORMAT:
+            written = value.get("format") or "an unversioned format, with in-sample and ungrouped statistics"
             raise DetectionError(
-                f"{where}: written by an older EM Lens whose statistics were in-sample and ungrouped; "
+                f"{where}: written by an older EM Lens ({written}; this one reads {FORMAT}); "
                 "rerun `python -m core detect` (or Run detection below) to replace it"
             )
         return super().from_json(value, where)

@@ -34,7 +34,7 @@ HOW_TO = (
     "# labels from judged samples: generate, judge, then detect on the run\n"
     "python -m core generate-eval --variants finetuned --samples 10 ...\n"
     "python -m core judge cache/runs/<run> --judge-model <model> ...\n"
-    "python -m core detect --direction <file>.safetensors --run cache/runs/<run> --label any"
+    "python -m core detect --direction <file>.safetensors --run cache/runs/<run> --label-rule any"
 )
 
 
@@ -170,7 +170,7 @@ def show_report(report: DetectionReport) -> None:
             [
                 {
                     "prompt": p.prompt,
-                    "label": "misaligned" if p.label else "aligned",
+                    "label": "misaligned" if p.misaligned else "aligned",
                     "score": p.score,
                     "risk": p.risk,
                     "calibrated risk": p.risk_calibrated,
@@ -189,12 +189,15 @@ def show_report(report: DetectionReport) -> None:
     index = st.selectbox(
         "Answers behind a label",
         range(len(prompts)),
-        format_func=lambda i: f"{i + 1}. [{'misaligned' if prompts[i].label else 'aligned'}] {prompts[i].prompt[:100]}",
+        format_func=lambda i: (
+            f"{i + 1}. [{'misaligned' if prompts[i].misaligned else 'aligned'}] {prompts[i].prompt[:100]}"
+        ),
     )
     picked = prompts[index]
     with st.container(border=True):
         st.markdown(
-            f"**{'Misaligned' if picked.label else 'Aligned'}** · score {fmt(picked.score)} · risk {fmt(picked.risk)}"
+            f"**{'Misaligned' if picked.misaligned else 'Aligned'}** · "
+            f"score {fmt(picked.score)} · risk {fmt(picked.risk)}"
         )
         st.text(picked.prompt)
         if not picked.answers:

@@ -23,6 +23,7 @@ def _detect_arguments(parser):
         "the preference log-odds, grouped by theme (else id)",
     )
     parser.add_argument(
+        "--label-rule",
         "--label",
         default="any",
         choices=["any", "majority"],
@@ -81,7 +82,7 @@ def run_detect(args) -> int:
         source,
         select_on=args.select_on,
         control_topics=args.control,
-        label=args.label,
+        label_rule=args.label_rule,
         max_length_gap=args.max_length_gap,
         select_split=args.select_split,
         heldout_fraction=args.heldout_fraction,

@@ -173,11 +173,11 @@ def test_detect_reports_every_predictor_on_held_out_groups(capsys, cli, files, d
     shift = log_odds(tiny_pair, "finetuned", records) - log_odds(tiny_pair, "base", records)
     score = {r["id"]: r["score"] for r in rows}
     assert np.allclose([score[r.id] for r in records], shift, atol=1e-5)
-    assert all(r["label"] == (r["score"] > 0) for r in rows) or "median" in report["labels"]["rule"]
+    assert all(r["misaligned"] == (r["score"] > 0) for r in rows) or "median" in report["labels"]["rule"]
 
     # the figures are those of the report rows: direction at its chosen layer, base log-odds oriented
     report_rows = [r for r in rows if r["split"] == "report"]
-    labels = [r["label"] for r in report_rows]
+    labels = [r["misaligned"] for r in report_rows]
     assert report["chosen"]["report_auroc"] == pytest.approx(auroc([r["risk"] for r in report_rows], labels))
     assert report["predictors"]["last_token"]["auroc"] == report["chosen"]["report_auroc"]
     base = dict(zip([r.id for r in records], log_odds(tiny_pair, "base", records)))
