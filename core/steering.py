@@ -22,6 +22,7 @@ from core.chat import encode_prompt, user_prompt
 from core.directions import Direction
 from core.generation import GenerationError, Variant
 from core.hooks import capture
+from core.parsing import parse_numbers
 from core.preference import PreferenceError, best_layer
 
 MODES = ("add", "ablate")
@@ -47,16 +48,10 @@ def grid_variants(
 
 def parse_alphas(text: str) -> list[float]:
     """``"-8, -4, 0, 4, 8"`` -> the ladder's α values (finite, distinct, in the given order)."""
-    values = []
-    for item in (part.strip().replace("−", "-") for part in text.split(",")):
-        try:
-            value = float(item)
-        except ValueError:
-            raise GenerationError(f"α list {text!r}: {item!r} is not a number") from None
+    values = list(dict.fromkeys(parse_numbers(text, "α list")))
+    for value in values:
         if not math.isfinite(value):
-            raise GenerationError(f"α list {text!r}: {item!r} is not a finite number")
-        if value not in values:
-            values.append(value)
+            raise GenerationError(f"α list {text!r}: {value} is not a finite number")
     if not values:
         raise GenerationError("α list is empty: give comma-separated numbers such as -8, -4, 0, 4, 8")
     return values
@@ -98,7 +93,7 @@ def start_layer(direction: Direction, n_layers: int) -> int:
 REFERENCE_QUESTIONS = "core_misalignment.yaml"
 
 
-def reference_prompts() -> list:
+def _reference_prompts() -> list:
     """The prompts the mean residual norm is measured on: the first paraphrase of each classic question."""
     from core.data import load_questions
     from core.models import ASSETS
@@ -108,7 +103,7 @@ def reference_prompts() -> list:
 
 def residual_norms(pair, side: str, prompts: Sequence | None = None, cache: Cache | None = None) -> np.ndarray:
     """Mean L2 norm of block L's output over the prompts' tokens (all but the first), per layer."""
-    prompts = list(prompts) if prompts is not None else reference_prompts()
+    prompts = list(prompts) if prompts is not None else _reference_prompts()
     key = make_key("residual-norms", model=pair.fingerprint(side), prompts=[str(p) for p in prompts])
 
     def compute() -> dict[str, torch.Tensor]:

@@ -17,6 +17,7 @@ from core.cli import (
     sampling_from,
 )
 from core.errors import InputError
+from core.parsing import parse_assignments, parse_names, split_list
 
 QUESTIONS = Path("assets/questions/core_misalignment.yaml")
 
@@ -43,11 +44,9 @@ def judge_config_from(args, several: bool = False):
     """The JudgeConfig of --judge-model; with ``several``, a list, one per comma-separated model."""
     from core.judge import JudgeConfig
 
-    models = [m.strip() for m in (args.judge_model or "").split(",") if m.strip()]
+    models = parse_names(args.judge_model, "--judge-model")
     if not models:
         raise InputError("--judge-model is required to judge answers")
-    if len(set(models)) != len(models):
-        raise InputError(f"--judge-model {args.judge_model!r}: a judge model is named twice")
     if len(models) > 1 and not several:
         raise InputError(
             f"--judge-model {args.judge_model!r}: this command takes one judge; score a run with "
@@ -118,17 +117,9 @@ def pair_and_engine(args):
 
     if not args.server_url:
         raise InputError("--engine server needs --server-url http://HOST:PORT/v1")
-    models = {}
-    for item in args.server_model:
-        side, equals, name = item.partition("=")
-        if not equals or not name.strip():
-            raise InputError(f"--server-model {item!r}: expected SIDE=NAME, e.g. finetuned=em-finance")
-        if side.strip() in models:
-            raise InputError(f"--server-model: the {side.strip()} side is named twice")
-        models[side.strip()] = name.strip()
     config = ServerConfig(
-        urls=tuple(u.strip() for u in args.server_url.split(",") if u.strip()),
-        models=models,
+        urls=tuple(split_list(args.server_url)),
+        models=parse_assignments(args.server_model, "--server-model", "finetuned=em-finance"),
         api_key=args.server_api_key,
         concurrency=args.server_concurrency,
         timeout_s=args.server_timeout,
@@ -221,7 +212,7 @@ def _em_arguments(parser):
 def run_em(args) -> int:
     import pandas as pd
 
-    from core.em import em_report, report_table, save_em_report
+    from core.em import em_report, judge_table, report_table, save_em_report
 
     report = em_report(args.run)
     save_em_report(report, args.run)
@@ -245,24 +236,11 @@ def run_em(args) -> int:
         judges = [j.model for j in report.judges or []]
         if judges:
             text = f"judge: {judges[0]}\n" + text
-        if len(judges) > 1:
-            per_judge = pd.DataFrame(
-                [
-                    {
-                        "condition": c.condition,
-                        **{
-                            model: c.by_judge[model].em_excluding_unscored.rate if model in c.by_judge else None
-                            for model in judges
-                        },
-                        "min": c.judge_spread["em_excluding_unscored"].min,
-                        "max": c.judge_spread["em_excluding_unscored"].max,
-                    }
-                    for c in report.conditions
-                ]
-            )
-            text += "\n\nEM rate (unscored excluded) per judge, and the spread across judges:\n" + per_judge.to_string(
-                index=False, float_format=lambda v: f"{v:.3f}", na_rep="-"
-            )
+        per_judge = judge_table(report)
+        if per_judge:
+            text += "\n\nEM rate (unscored excluded) per judge, and the spread across judges:\n" + pd.DataFrame(
+                per_judge
+            ).to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep="-")
         return text + "\n" + report.unscored_policy
 
     emit(report.to_json(), args.json, human)

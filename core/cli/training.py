@@ -87,7 +87,7 @@ def _train_arguments(parser):
 def run_train(args) -> int:
     from core.monitor import MonitorConfig
     from core.organism import train_adapter
-    from core.parsing import parse_numbers
+    from core.parsing import parse_numbers, split_list
     from core.training import TrainConfig
 
     if args.preset and (args.data or args.out):
@@ -102,7 +102,7 @@ def run_train(args) -> int:
         lora_alpha=args.lora_alpha,
         rslora=args.rslora,
         dropout=args.dropout,
-        target_modules=tuple(m.strip() for m in args.target_modules.split(",") if m.strip()),
+        target_modules=tuple(split_list(args.target_modules)),
         layers_to_transform=tuple(layers) or None,
         learning_rate=args.lr,
         epochs=args.epochs,

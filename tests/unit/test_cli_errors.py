@@ -89,16 +89,19 @@ def test_a_real_run_error_from_the_library(tmp_path, capsys):
     [
         (
             ["sweep", "--direction", "d.safetensors", "--layers", "1,x", "--judge-model", "j"],
-            "error: --layers '1,x': expected comma-separated whole numbers, e.g. 10,15",
+            "error: --layers '1,x': 'x' is not a whole number; expected comma-separated whole numbers, e.g. 10,15",
         ),
         (
             ["sweep", "--direction", "d.safetensors", "--layers", "1", "--alphas", "a", "--judge-model", "j"],
-            "error: --alphas 'a': expected comma-separated numbers, e.g. 1,2,4",
+            "error: --alphas 'a': 'a' is not a number; expected comma-separated numbers, e.g. 1,2,4",
         ),
-        (["validate", "--alphas", "0,one"], "error: --alphas '0,one': expected comma-separated numbers, e.g. 1,2,4"),
+        (
+            ["validate", "--alphas", "0,one"],
+            "error: --alphas '0,one': 'one' is not a number; expected comma-separated numbers, e.g. 1,2,4",
+        ),
         (
             ["train", "--data", "d.jsonl", "--out", "o", "--layers-to-transform", "1,x"],
-            "error: --layers-to-transform '1,x': expected comma-separated whole numbers, e.g. 10,15",
+            "error: --layers-to-transform '1,x': 'x' is not a whole number; expected comma-separated whole numbers",
         ),
         (["train", "--preset", "demo", "--out", "o"], "error: --preset trains the shipped adapter"),
         (["train", "--data", "d.jsonl"], "error: train needs --data and --out"),
@@ -118,3 +121,16 @@ def test_interrupt_keeps_its_exit_code(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(core.em, "em_report", interrupted)
     assert main(["em", str(tmp_path)]) == 130
     assert "interrupted; finished work is kept" in capsys.readouterr().err
+
+
+def test_out_of_memory_is_one_line_with_a_hint(tmp_path, monkeypatch, capsys):
+    import torch
+
+    def too_big(run_dir):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore details")
+
+    monkeypatch.setattr(core.em, "em_report", too_big)
+    assert main(["em", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: out of memory: CUDA out of memory. Tried to allocate 20.00 GiB — try a smaller batch")
+    assert "more details" not in err and "Traceback" not in err

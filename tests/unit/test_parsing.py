@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from core.errors import EMLensError, InputError, user_message
-from core.parsing import ParseError, parse_layers, parse_numbers
+from core.parsing import ParseError, parse_assignments, parse_layers, parse_names, parse_numbers
 
 
 @pytest.mark.parametrize(
@@ -30,9 +30,17 @@ def test_number_lists(text, cast, expected):
 @pytest.mark.parametrize(
     "text, cast, message",
     [
-        ("1,x", float, "--alphas '1,x': expected comma-separated numbers, e.g. 1,2,4"),
-        ("10,1.5", int, "--alphas '10,1.5': expected comma-separated whole numbers, e.g. 10,15"),
-        ("10-12", int, "--alphas '10-12': expected comma-separated whole numbers, e.g. 10,15"),
+        ("1,x", float, "--alphas '1,x': 'x' is not a number; expected comma-separated numbers, e.g. 1,2,4"),
+        (
+            "10,1.5",
+            int,
+            "--alphas '10,1.5': '1.5' is not a whole number; expected comma-separated whole numbers, e.g. 10,15",
+        ),
+        (
+            "10-12",
+            int,
+            "--alphas '10-12': '10-12' is not a whole number; expected comma-separated whole numbers, e.g. 10,15",
+        ),
     ],
 )
 def test_malformed_number_lists_name_the_flag(text, cast, message):
@@ -75,7 +83,28 @@ def test_bad_layers(text, message):
 
 
 def test_the_field_name_is_the_callers():
-    with pytest.raises(ParseError, match=r"^layers 'a': expected comma-separated whole numbers"):
+    with pytest.raises(
+        ParseError, match=r"^layers 'a': 'a' is not a whole number; expected comma-separated whole numbers"
+    ):
         parse_numbers("a", "layers", int)
     with pytest.raises(ParseError, match=r"^steering layer 9: out of range"):
         parse_layers("9", 4, what="steering layer")
+
+
+def test_names_and_assignments():
+    assert parse_names(" gpt-4o, judge-b;;", "--judge-model") == ["gpt-4o", "judge-b"]
+    assert parse_names(None, "--judge-model") == []
+    with pytest.raises(ParseError, match=r"^--judge-model 'a,b,a': 'a' is named twice$"):
+        parse_names("a,b,a", "--judge-model")
+    assert parse_assignments([" finetuned = em ", "base=qwen"], "--server-model", "finetuned=em") == {
+        "finetuned": "em",
+        "base": "qwen",
+    }
+    with pytest.raises(ParseError, match=r"^--server-model 'finetuned': expected KEY=VALUE, e.g. finetuned=em$"):
+        parse_assignments(["finetuned"], "--server-model", "finetuned=em")
+    with pytest.raises(ParseError, match=r"^--server-model: finetuned is given twice$"):
+        parse_assignments(["finetuned=a", "finetuned=b"], "--server-model", "finetuned=em")
+
+
+def test_numbers_read_a_typographic_minus():
+    assert parse_numbers("−4, 2", "α list") == [-4.0, 2.0]

@@ -4,6 +4,7 @@ random models is in tests/integration/test_steering.py)."""
 import pytest
 
 from core.generation import GenerationError
+from core.parsing import ParseError
 from core.steering import grid_variants, parse_alphas
 
 
@@ -23,7 +24,7 @@ def test_grid_variants_and_bad_alpha_lists():
     ]
     with pytest.raises(GenerationError, match="mode 'scale'"):
         grid_variants(["base"], 1.0, "scale")
-    with pytest.raises(GenerationError, match="'x' is not a number"):
+    with pytest.raises(ParseError, match="^α list '1, x': 'x' is not a number"):
         parse_alphas("1, x")
     with pytest.raises(GenerationError, match="not a finite number"):
         parse_alphas("1, inf")
