@@ -114,6 +114,25 @@ PRESETS = {
 }
 
 
+def preset_pair(name: str, base: str, finetuned: str, judged: bool) -> tuple[str, str]:
+    """The pair a preset study runs on: the preset's, unless ``base`` / ``finetuned`` name another one
+    (``"default"`` means not named). A preset without a fine-tune needs one named; a judged preset, a judge."""
+    preset = PRESETS[name]
+    base = preset["base"] if base == "default" else base
+    if finetuned == "default":
+        if preset["finetuned"] is None:
+            raise StudyError(
+                f"--preset {name}: name the fine-tune with --finetuned (the hub id or local copy of a "
+                f"published risky-financial or bad-medical LoRA of {preset['base']})"
+            )
+        finetuned = preset["finetuned"]
+    if name == "seed-qwen" and not judged:
+        raise StudyError(
+            "--preset seed-qwen is a judged study: give --judge-model (and --judge-base-url for a local server)"
+        )
+    return base, finetuned
+
+
 # A study small enough to start from the dashboard on a CPU (a few minutes on the embedded pair).
 SMALL = StudyConfig(
     n_train=48, n_heldout=16, n_general=32, n_boot=200, n_random=50, alphas=(2.0, 4.0), n_layers=2, batch_size=16
@@ -237,12 +256,12 @@ def _sampling(config: StudyConfig):
     return Sampling(temperature=config.temperature, max_new_tokens=config.max_new_tokens, seed=config.seed)
 
 
-def judge_info(judge) -> dict | None:
+def _judge_info(judge) -> dict | None:
     """What is recorded of a judge (never its key)."""
     return None if judge is None else {"model": judge.model, "base_url": judge.base_url}
 
 
-def study_inputs(pair, config: StudyConfig, judge, data: dict[str, Path]) -> dict:
+def _study_inputs(pair, config: StudyConfig, judge, data: dict[str, Path]) -> dict:
     """Everything a study's numbers depend on: the models' fingerprints, the data's hashes, the
     configuration and the judge. (The code version is recorded, not fingerprinted.)"""
     return {
@@ -250,7 +269,7 @@ def study_inputs(pair, config: StudyConfig, judge, data: dict[str, Path]) -> dic
         "finetuned": pair.fingerprint("finetuned"),
         "data": {name: sha256_file(path) for name, path in data.items()},
         "config": {k: v for k, v in asdict(config).items() if k not in ("narrow", "general", "questions")},
-        "judge": judge_info(judge),
+        "judge": _judge_info(judge),
     }
 
 
@@ -275,7 +294,7 @@ def _direction_step(log, name, fingerprint, folder: Path, extract) -> dict:
     return {**result, "direction": direction}
 
 
-def phase_directions(pair, config: StudyConfig, judge, data: dict, log: StudyLog, key: str) -> dict:
+def _phase_directions(pair, config: StudyConfig, judge, data: dict, log: StudyLog, key: str) -> dict:
     from core.directions import cosine_per_layer, extract_from_paired_file
     from core.em import em_report, judged_direction, save_em_report
     from core.generation import Variant
@@ -374,7 +393,7 @@ def phase_directions(pair, config: StudyConfig, judge, data: dict, log: StudyLog
     }
 
 
-def default_layers(n_layers: int, best: int | None, count: int) -> list[int]:
+def _default_layers(n_layers: int, best: int | None, count: int) -> list[int]:
     """The best layer and its neighbours spread through the model, ``count`` at most."""
     best = n_layers // 2 if best is None else best
     spread = sorted({int(round(x)) for x in np.linspace(n_layers / 4, 3 * n_layers / 4, max(count - 1, 1))})
@@ -385,7 +404,7 @@ def default_layers(n_layers: int, best: int | None, count: int) -> list[int]:
 # ---------------------------------------------------------------- phase 2: steering
 
 
-def phase_steering(pair, config: StudyConfig, judge, data: dict, log: StudyLog, key: str, directions: dict) -> dict:
+def _phase_steering(pair, config: StudyConfig, judge, data: dict, log: StudyLog, key: str, directions: dict) -> dict:
     from core.data import load_paired_jsonl
     from core.directions import Direction
     from core.preference import ablation, validate
@@ -395,7 +414,7 @@ def phase_steering(pair, config: StudyConfig, judge, data: dict, log: StudyLog, 
     primary = directions["contrasts"][directions["primary"]]
     direction = Direction.load(log.out / primary["file"])
     layers = (
-        list(config.layers) if config.layers else default_layers(pair.n_layers, primary["best_layer"], config.n_layers)
+        list(config.layers) if config.layers else _default_layers(pair.n_layers, primary["best_layer"], config.n_layers)
     )
     for layer in layers:
         pair.check_layer(layer)
@@ -468,7 +487,7 @@ def phase_steering(pair, config: StudyConfig, judge, data: dict, log: StudyLog, 
 # ---------------------------------------------------------------- phase 3: detection
 
 
-def phase_detection(pair, config: StudyConfig, judge, data: dict, log: StudyLog, key: str, directions: dict) -> dict:
+def _phase_detection(pair, config: StudyConfig, judge, data: dict, log: StudyLog, key: str, directions: dict) -> dict:
     from core.detect import detect
     from core.directions import Direction
 
@@ -596,7 +615,7 @@ def run_study(
         if not questions.exists() or questions.read_bytes() != Path(config.questions).read_bytes():
             shutil.copyfile(config.questions, questions)
         data["questions"] = questions
-    inputs = study_inputs(pair, config, judge, data)
+    inputs = _study_inputs(pair, config, judge, data)
     key = make_key("study", **inputs)
     previous = json.loads((out / STUDY_JSON).read_text()) if (out / STUDY_JSON).exists() else {}
     status = {
@@ -605,7 +624,7 @@ def run_study(
         "inputs": inputs,
         "config": asdict(config),
         "pair": {**pair.info(), **(spec or {})},
-        "judge": judge_info(judge),
+        "judge": _judge_info(judge),
         "code_version": __version__,
         "data": {name: str(path.relative_to(out)) for name, path in data.items()},
         "started": previous.get("started") if previous.get("fingerprint") == key else time.time(),
@@ -627,7 +646,7 @@ def run_study(
             log,
             "directions",
             make_key("phase", study=key, phase=1),
-            lambda: phase_directions(pair, config, judge, data, log, key),
+            lambda: _phase_directions(pair, config, judge, data, log, key),
         )
         status.update(phase="steering", phases_done=["directions"])
         _write_status(out, status)
@@ -635,7 +654,7 @@ def run_study(
             log,
             "steering",
             make_key("phase", study=key, phase=2),
-            lambda: phase_steering(pair, config, judge, data, log, key, results["directions"]),
+            lambda: _phase_steering(pair, config, judge, data, log, key, results["directions"]),
         )
         status.update(phase="detection", phases_done=["directions", "steering"])
         _write_status(out, status)
@@ -643,7 +662,7 @@ def run_study(
             log,
             "detection",
             make_key("phase", study=key, phase=3),
-            lambda: phase_detection(pair, config, judge, data, log, key, results["directions"]),
+            lambda: _phase_detection(pair, config, judge, data, log, key, results["directions"]),
         )
         status.update(phase=None, phases_done=list(PHASES))
         status["seconds"] = status["seconds"] + time.time() - session_start

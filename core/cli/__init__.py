@@ -94,18 +94,24 @@ def sampling_from(args):
 
 def progress_bar(description: str, postfix: str | None = None):
     """A tqdm bar on stderr driven by ``callback(done, total)``, shown from the first update on; with
-    ``postfix`` (e.g. ``"loss"``), ``callback(done, total, value)`` also shows ``postfix=value``."""
+    ``postfix`` (e.g. ``"loss"``), ``callback(done, total, value)`` also shows ``postfix=value``; a text
+    ``value`` replaces the description (the step under way)."""
     from tqdm import tqdm
 
-    bar = None
+    bar, shown = None, None
 
-    def update(done: int, total: int, value: float | None = None) -> None:
-        nonlocal bar
+    def update(done: int, total: int, value: float | str | None = None) -> None:
+        nonlocal bar, shown
+        if shown == (done, total, value):  # nothing visible changed
+            return
+        shown = (done, total, value)
         if bar is None:
             bar = tqdm(desc=description, file=sys.stderr, dynamic_ncols=True)
         bar.total = total
         bar.n = done
-        if postfix is not None and value is not None:
+        if isinstance(value, str):
+            bar.set_description(value, refresh=False)
+        elif postfix is not None and value is not None:
             bar.set_postfix({postfix: f"{value:.3f}"}, refresh=False)
         bar.refresh()
         if done >= total:

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import sys
 from dataclasses import replace
 from pathlib import Path
 
-from core.cli import command, emit, load_pair_from, model_arguments
+from core.cli import command, emit, load_pair_from, model_arguments, progress_bar
 from core.cli.evaluation import judge_arguments, judge_config_from
-from core.errors import InputError
 
 SIZES = {  # flag -> (StudyConfig field, type, help)
     "--n-train": ("n_train", int, "narrow train-split pairs used for extraction (default: all)"),
@@ -52,7 +50,7 @@ def _study_arguments(parser):
 
 def study_config(args):
     """The StudyConfig of the preset (or the defaults), with every flag given on top."""
-    from core.parsing import parse_numbers
+    from core.parsing import parse_numbers, split_list
     from core.study import PRESETS, StudyConfig
 
     config = PRESETS[args.preset]["config"] if args.preset else StudyConfig()
@@ -63,7 +61,7 @@ def study_config(args):
     if args.alphas:
         changes["alphas"] = tuple(parse_numbers(args.alphas, "--alphas"))
     if args.contrasts:
-        changes["contrasts"] = tuple(c.strip() for c in args.contrasts.split(",") if c.strip())
+        changes["contrasts"] = tuple(split_list(args.contrasts))
     return replace(config, **changes)
 
 
@@ -71,40 +69,23 @@ def study_config(args):
     "study", "a whole study: directions, steering both ways, early detection, and a shareable report", _study_arguments
 )
 def run_study_command(args) -> int:
-    from core.study import PRESETS, new_study_dir, run_study
+    from core.study import new_study_dir, preset_pair, run_study
 
-    if args.preset:  # the preset's pair unless one was named
-        preset = PRESETS[args.preset]
-        args.base = preset["base"] if args.base == "default" else args.base
-        if args.finetuned == "default":
-            if preset["finetuned"] is None:
-                raise InputError(
-                    f"--preset {args.preset}: name the fine-tune with --finetuned (the hub id or local "
-                    f"copy of a published risky-financial or bad-medical LoRA of {preset['base']})"
-                )
-            args.finetuned = preset["finetuned"]
-        if args.preset == "seed-qwen" and not args.judge_model:
-            raise InputError(
-                "--preset seed-qwen is a judged study: give --judge-model (and --judge-base-url for a local server)"
-            )
+    if args.preset:
+        args.base, args.finetuned = preset_pair(args.preset, args.base, args.finetuned, bool(args.judge_model))
     config = study_config(args)
     judge = judge_config_from(args) if args.judge_model else None
     out = args.out or new_study_dir(args.cache_dir)
     pair = load_pair_from(args)
-    from tqdm import tqdm
-
-    with tqdm(total=100, file=sys.stderr, dynamic_ncols=True, bar_format="{l_bar}{bar}| {elapsed}") as bar:
-        shown = [None]
-
-        def progress(fraction: float, label: str) -> None:
-            if shown[0] == (int(100 * fraction), label):  # redraw only when something visible changed
-                return
-            shown[0] = (int(100 * fraction), label)
-            bar.n = int(100 * fraction)
-            bar.set_description(label, refresh=False)
-            bar.refresh()
-
-        report = run_study(pair, out, config, judge, progress, spec={"base": args.base, "finetuned": args.finetuned})
+    bar = progress_bar("study")  # in percent, described by the step under way
+    report = run_study(
+        pair,
+        out,
+        config,
+        judge,
+        lambda fraction, step: bar(round(100 * fraction), 100, step),
+        spec={"base": args.base, "finetuned": args.finetuned},
+    )
     emit(
         report,
         args.json,
