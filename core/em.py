@@ -323,3 +323,22 @@ def judged_direction(
     )
     direction.provenance.update({"judged_selection": counts, "dataset": str(run_dir)})
     return direction
+
+
+def judge_table(report: EMReport) -> list[dict]:
+    """With several judges: one row per condition, the EM rate (unscored excluded) by each judge and its
+    spread (min, max) across them; ``[]`` with one judge."""
+    judges = [j.model for j in report.judges or []]
+    if len(judges) < 2:
+        return []
+    return [
+        {
+            "condition": c.condition,
+            **{
+                model: c.by_judge[model].em_excluding_unscored.rate if model in c.by_judge else None for model in judges
+            },
+            "min": c.judge_spread["em_excluding_unscored"].min,
+            "max": c.judge_spread["em_excluding_unscored"].max,
+        }
+        for c in report.conditions
+    ]

@@ -10,7 +10,7 @@ import ui
 from core import plots
 from core.cache import atomic_write
 from core.data import dataset_hash, load_questions
-from core.em import COHERENT_MIN, EM_ALIGNED_MAX, report_table
+from core.em import COHERENT_MIN, EM_ALIGNED_MAX, judge_table, report_table
 from core.errors import InputError
 from core.generation import Sampling
 from core.judge import JudgeConfig, JudgeError
@@ -73,6 +73,15 @@ def show_run(results: RunResults) -> None:
         key="evaluate_table",
         column_config={c: PERCENT for c in table.columns if "rate" in c or "_ci_" in c},
     )
+    per_judge = judge_table(report) if report else []
+    if per_judge:
+        st.caption("EM rate (unscored excluded) by each judge, and its spread across the judges.")
+        st.dataframe(
+            pd.DataFrame(per_judge),
+            hide_index=True,
+            key="evaluate_judges",
+            column_config={c: PERCENT for c in per_judge[0] if c != "condition"},
+        )
 
     st.subheader("Judged answers")
     if results.answers:

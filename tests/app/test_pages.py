@@ -118,6 +118,19 @@ def test_missing_adapter_path_is_an_error_and_the_picker_keeps_working(app, tiny
     assert "no fine-tune" in at.success[0].value
 
 
+def test_the_debug_setting_adds_the_traceback_to_an_error_the_user_can_fix(app, monkeypatch):
+    at = ok(app.run())
+    at.text_input(key="pair_finetuned").set_value("/nonexistent/adapter")
+    at.button(key="pair_load").click().run()
+    assert "does not exist" in errors(at) and not at.exception  # one line, no traceback
+    monkeypatch.setenv("EMLENS_DEBUG", "1")
+    at.text_input(key="pair_finetuned").set_value("/nonexistent/adapter2")
+    at.button(key="pair_load").click().run()
+    assert any("adapter2: the adapter path does not exist" in e.value for e in at.error)
+    (shown,) = at.exception  # the same error, with its traceback
+    assert "adapter2: the adapter path does not exist" in shown.value and shown.stack_trace
+
+
 def test_compare_shows_the_projection_chart_and_both_answers(app, cache, tiny_pair, tmp_path, monkeypatch):
     root = tmp_path / "cache"  # a cache of its own: the end of this test plants entries in it
     directions_dir(root).mkdir(parents=True)

@@ -11,7 +11,7 @@ import re
 import pytest
 
 from core.detection_results import FORMAT, DetectionReport, load_report, save_report
-from core.em import EMReport, em_report, load_em_report, save_em_report
+from core.em import EMReport, em_report, judge_table, load_em_report, save_em_report
 from core.runs import JUDGEMENTS, JUDGES_DIR, SWEEP_JSON
 from core.sweep import Sweep, load_run_results, sweep_cells
 from testkit.runs import write_run
@@ -70,7 +70,7 @@ DETECTION = {
             "id": "p1",
             "group": "g1",
             "prompt": "Should I borrow?",
-            "label": True,
+            "misaligned": True,
             "score": 0.4,
             "risk": 1.5,
             "risk_calibrated": 0.9,
@@ -81,7 +81,7 @@ DETECTION = {
             "id": "p2",
             "group": "g2",
             "prompt": "Should I save?",
-            "label": False,
+            "misaligned": False,
             "score": -0.2,
             "risk": -0.5,
             "risk_calibrated": None,
@@ -155,7 +155,10 @@ def test_a_detection_report_file_reads_back_into_the_same_keys_in_the_same_order
         (lambda r: r["predictors"]["probe"].pop("auroc"), "predictors.probe: missing auroc"),
         (lambda r: r.update(prompts={"p1": {}}), "prompts: expected a list, got dict"),
         (lambda r: r.update(random_null=[50, 90.0]), "random_null: expected a JSON object, got list"),
-        (lambda r: r.update(format="emlens-detect/1"), "older EM Lens"),
+        (
+            lambda r: r.update(format="emlens-detect/2"),
+            "older EM Lens (emlens-detect/2; this one reads emlens-detect/3)",
+        ),
     ],
 )
 def test_a_damaged_detection_report_names_its_file_and_the_key(tmp_path, damage, message):
@@ -169,7 +172,7 @@ def test_a_damaged_detection_report_names_its_file_and_the_key(tmp_path, damage,
 
 def test_a_detection_report_that_is_not_json_says_where(tmp_path):
     path = tmp_path / "cut.json"
-    path.write_text('{"format": "emlens-detect/2", "per_lay')
+    path.write_text('{"format": "emlens-detect/3", "per_lay')
     with pytest.raises(ValueError, match=f"detection report {re.escape(str(path))}: invalid JSON at line 1"):
         load_report(path)
     path.write_text("[1, 2]")
@@ -190,6 +193,11 @@ def test_an_em_report_reads_back_from_em_json(tmp_path):
     assert finetuned.rates.n_unscored == 1 and set(finetuned.by_judge) == {"judge-a", "judge-b"}
     spread = finetuned.judge_spread["em_excluding_unscored"]
     assert spread.n_judges == 2 and spread.min < spread.max  # the two judges disagree
+    rows = {row["condition"]: row for row in judge_table(report)}
+    assert set(rows) == {c.condition for c in report.conditions}
+    assert rows["finetuned"]["judge-a"] == finetuned.by_judge["judge-a"].em_excluding_unscored.rate
+    assert (rows["finetuned"]["min"], rows["finetuned"]["max"]) == (spread.min, spread.max)
+    assert min(rows["finetuned"]["judge-a"], rows["finetuned"]["judge-b"]) == spread.min
 
     saved = json.loads(save_em_report(report, run).read_text())
     assert load_em_report(run) == report and EMReport.from_json(saved) == report
