@@ -152,7 +152,7 @@ class LintIssue:
         return f"{place}: {self.problem}"
 
 
-def template_family(tokenizer) -> str | None:
+def _template_family(tokenizer) -> str | None:
     """The family whose markers the model's own template writes."""
     sample = render(tokenizer, [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], False)
     for family, markers in FAMILY_MARKERS.items():
@@ -177,7 +177,7 @@ def lint_template(tokenizer) -> list[LintIssue]:
 def lint_conversation(
     tokenizer, messages: Messages, record: int, family: str | None = None, header: str | None = None
 ) -> list[LintIssue]:
-    family = family if family is not None else template_family(tokenizer)
+    family = family if family is not None else _template_family(tokenizer)
     issues = []
     own = set(FAMILY_MARKERS.get(family, ())) | set(getattr(tokenizer, "all_special_tokens", []))
     for i, message in enumerate(messages):
@@ -217,7 +217,7 @@ def lint_conversation(
     return issues
 
 
-def generation_header(tokenizer) -> str | None:
+def _generation_header(tokenizer) -> str | None:
     messages = [{"role": "user", "content": "x"}]
     with_header = render(tokenizer, messages, add_generation_prompt=True)
     without = render(tokenizer, messages, add_generation_prompt=False)
@@ -226,7 +226,7 @@ def generation_header(tokenizer) -> str | None:
 
 def lint_dataset(tokenizer, records: list[tuple[int, Messages]]) -> list[LintIssue]:
     """Lint every record (``(line, messages)``) of a dataset for this tokenizer's template."""
-    family, header = template_family(tokenizer), generation_header(tokenizer)
+    family, header = _template_family(tokenizer), _generation_header(tokenizer)
     issues = lint_template(tokenizer)
     for line, messages in records:
         issues.extend(lint_conversation(tokenizer, messages, line, family, header))

@@ -228,7 +228,7 @@ def dataset_hash(path: Path | str) -> str:
     return sha256_file(Path(path))[:16]
 
 
-def is_paired_file(path: Path | str) -> bool:
+def _is_paired_file(path: Path | str) -> bool:
     lines = _read_lines(Path(path))
     return bool(lines) and "aligned" in _parse_line(Path(path), *lines[0])
 
@@ -238,6 +238,6 @@ def load_training_set(path: Path | str, answers: str = "misaligned", split: str 
     kind of answer (``misaligned`` makes the EM organism; ``aligned`` the control)."""
     if answers not in ("misaligned", "aligned"):
         raise DataError(f"answers: {answers!r} is not 'misaligned' or 'aligned'")
-    if not is_paired_file(path):
+    if not _is_paired_file(path):
         return load_chat_jsonl(path)
     return [ChatRecord(r.line, r.as_training(harmful=answers == "misaligned")) for r in load_paired_jsonl(path, split)]

@@ -201,7 +201,7 @@ def answer_activations(
     return AnswerActivations(sums, counts)
 
 
-def default_groups(n_aligned: int, n_misaligned: int) -> np.ndarray:
+def _default_groups(n_aligned: int, n_misaligned: int) -> np.ndarray:
     """Equal-sized sets are taken as pairs (the i-th answers share a prompt: one group); otherwise
     each answer is its own group."""
     if n_aligned == n_misaligned:
@@ -209,7 +209,7 @@ def default_groups(n_aligned: int, n_misaligned: int) -> np.ndarray:
     return np.arange(n_aligned + n_misaligned)
 
 
-def crossfit_scores(
+def _crossfit_scores(
     aligned: AnswerActivations, misaligned: AnswerActivations, groups, folds: int = 5, seed: int = 0
 ) -> np.ndarray | None:
     """Out-of-fold separation scores ``[n_aligned + n_misaligned, n_layers]``, aligned answers first.
@@ -255,12 +255,12 @@ def layer_stats(
 ) -> list[dict]:
     """Per layer: norm, the sets' mean projections, and how well per-answer projections separate the sets.
 
-    ``auroc`` / ``cohens_d`` are cross-fitted by group (:func:`crossfit_scores`; a mean difference
+    ``auroc`` / ``cohens_d`` are cross-fitted by group (:func:`_crossfit_scores`; a mean difference
     fits noise, so in-sample figures are optimistic); ``auroc_insample`` / ``cohens_d_insample`` are
     on the extraction answers themselves. ``groups``: one id per answer, aligned first; default
-    :func:`default_groups`."""
+    :func:`_default_groups`."""
     n_aligned = len(aligned.counts)
-    groups = default_groups(n_aligned, len(misaligned.counts)) if groups is None else np.asarray(groups)
+    groups = _default_groups(n_aligned, len(misaligned.counts)) if groups is None else np.asarray(groups)
     if len(groups) != n_aligned + len(misaligned.counts):
         raise DirectionError(
             f"groups has {len(groups)} entries for {n_aligned} aligned and {len(misaligned.counts)} misaligned answers"
@@ -271,7 +271,7 @@ def layer_stats(
     insample = torch.cat(
         [(aligned.per_answer_mean() * unit).sum(-1), (misaligned.per_answer_mean() * unit).sum(-1)]
     ).numpy()  # [n_answers, n_layers]
-    crossfit = crossfit_scores(aligned, misaligned, groups)
+    crossfit = _crossfit_scores(aligned, misaligned, groups)
     stats = []
     for layer in range(direction.shape[0]):
         auroc_in, d_in = _separation(insample[:, layer], n_aligned)
@@ -316,7 +316,7 @@ def direction_from_sets(
     return Direction(vectors, provenance, layer_stats(vectors, aligned, misaligned, groups))
 
 
-def pair_provenance(pair, method: str, side: str, dataset_hash: str | None) -> dict:
+def _pair_provenance(pair, method: str, side: str, dataset_hash: str | None) -> dict:
     return {
         "method": method,
         "base": pair.base.spec,
@@ -344,14 +344,14 @@ def extract_contrast(
     """Misaligned minus aligned answer-token means, both teacher-forced through ``side``.
 
     ``groups``: one id per answer (aligned first) that cross-fitting keeps together, e.g. the question
-    an answer was sampled for; default :func:`default_groups`."""
+    an answer was sampled for; default :func:`_default_groups`."""
     if not aligned or not misaligned:
         raise DirectionError(f"need both sets: got {len(aligned)} aligned and {len(misaligned)} misaligned answers")
     total = len(aligned) + len(misaligned)
     step = (lambda offset: lambda done, _: progress(offset + done, total)) if progress else (lambda offset: None)
     a = answer_activations(pair, side, aligned, batch_size, step(0))
     m = answer_activations(pair, side, misaligned, batch_size, step(len(aligned)))
-    return direction_from_sets(a, m, pair_provenance(pair, method, side, dataset_hash), groups)
+    return direction_from_sets(a, m, _pair_provenance(pair, method, side, dataset_hash), groups)
 
 
 def extract_model_diff(
@@ -368,7 +368,7 @@ def extract_model_diff(
     step = (lambda offset: lambda done, _: progress(offset + done, total)) if progress else (lambda offset: None)
     base = answer_activations(pair, "base", examples, batch_size, step(0))
     finetuned = answer_activations(pair, "finetuned", examples, batch_size, step(len(examples)))
-    return direction_from_sets(base, finetuned, pair_provenance(pair, "model-diff", "base vs finetuned", dataset_hash))
+    return direction_from_sets(base, finetuned, _pair_provenance(pair, "model-diff", "base vs finetuned", dataset_hash))
 
 
 def extract_from_paired_file(

@@ -186,7 +186,7 @@ _decoders: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _decoders_lock = threading.Lock()
 
 
-def decoder_for(model, options: StaticOptions) -> StaticDecoder:
+def _decoder_for(model, options: StaticOptions) -> StaticDecoder:
     """The model's decoder for ``options``, made on first use and dropped with the model."""
     with _decoders_lock:
         by_options = _decoders.setdefault(model, {})
@@ -261,7 +261,7 @@ def static_steps(
         # guarded on it: keep it off (these are inference weights) so both sides keep one graph each.
         for parameter in model.parameters():
             parameter.requires_grad_(False)
-        decoder = decoder_for(model, options)
+        decoder = _decoder_for(model, options)
         decoder.table.set(variants, direction, layers)
         width = max(map(len, prompt_ids))
         steps = Steps(decoder, model, prompt_ids, pair.tokenizer, _power_of_two(width + new_tokens, MIN_CACHE_LENGTH))

@@ -116,7 +116,7 @@ def crossing(steps: Sequence[int], values: Sequence[float], start: float, end: f
     return None
 
 
-def lead_in_words(lead: dict) -> str:
+def _lead_in_words(lead: dict) -> str:
     p, b, n = lead.get("projection_crossed_at"), lead.get("behaviour_crossed_at"), lead.get("steps")
     if p is None or b is None:
         missing = " and ".join(name for name, at in (("the projection", p), ("the preference shift", b)) if at is None)
@@ -154,7 +154,7 @@ def lead(
         "lead_rule": LEAD_RULE,
         "resolution_steps": int(np.max(np.diff(steps))) if len(steps) > 1 else None,
     }
-    result["summary"] = lead_in_words(result)
+    result["summary"] = _lead_in_words(result)
     return result
 
 

@@ -44,7 +44,7 @@ PRESETS = {
 }
 
 
-def train_preset(
+def _train_preset(
     name: str,
     options: LoadOptions | None = None,
     resume: bool = False,
@@ -71,7 +71,7 @@ def train_preset(
     else:
         result = train(preset.base, records, config, preset.out, **common)
     if name == "demo":
-        build_shipped_direction(options, direction_progress)
+        _build_shipped_direction(options, direction_progress)
     return result
 
 
@@ -95,7 +95,7 @@ def train_adapter(
     ``config`` unused), else the records of ``data`` (the ``answers`` of a paired file) into ``out``; with a
     ``core.monitor.MonitorConfig``, the training-time monitor at every checkpoint."""
     if preset:
-        return train_preset(
+        return _train_preset(
             preset,
             options,
             resume=resume,
@@ -115,7 +115,7 @@ def train_adapter(
     return train(base, records, config, out, **common)
 
 
-def build_shipped_direction(
+def _build_shipped_direction(
     options: LoadOptions | None = None, progress: Callable[[int, int], None] | None = None
 ) -> Direction:
     """The paired finance direction through the demo adapter, written to ``assets/``."""

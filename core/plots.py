@@ -205,7 +205,7 @@ def _mix(a: tuple[int, int, int], b: tuple[int, int, int], t: float) -> str:
     return "rgb({},{},{})".format(*(round(x + (y - x) * t) for x, y in zip(a, b)))
 
 
-def token_colour(value: float, aligned: float, misaligned: float) -> str:
+def _token_colour(value: float, aligned: float, misaligned: float) -> str:
     """Blue at the aligned anchor, white halfway, red at the misaligned anchor (clipped beyond)."""
     gap = misaligned - aligned
     t = 0.5 if gap == 0 or not math.isfinite(value) else min(max((value - aligned) / gap, 0.0), 1.0)
@@ -222,7 +222,7 @@ def token_html(pieces: Sequence[str], values: Sequence[float], aligned: float, m
         if not piece:
             continue
         spans.append(
-            f'<span title="{value:.3f}" style="background:{token_colour(value, aligned, misaligned)};'
+            f'<span title="{value:.3f}" style="background:{_token_colour(value, aligned, misaligned)};'
             f'border-radius:3px;padding:1px 0">{html.escape(piece)}</span>'
         )
     return (
@@ -235,7 +235,7 @@ KL_RGB = ((255, 255, 255), (252, 146, 114), (165, 15, 21))  # a sequential red s
 KL_SCALE_FLOOR = 0.1  # nats: below this an answer's largest KL is not stretched to full red
 
 
-def divergence_colour(value: float, top: float) -> str:
+def _divergence_colour(value: float, top: float) -> str:
     """White at 0, darker red as ``value`` approaches ``top`` (clipped beyond)."""
     t = 0.0 if top <= 0 or not math.isfinite(value) else min(max(value / top, 0.0), 1.0)
     return _mix(KL_RGB[0], KL_RGB[1], 2 * t) if t < 0.5 else _mix(KL_RGB[1], KL_RGB[2], 2 * t - 1)
@@ -256,7 +256,7 @@ def divergence_html(pieces: Sequence[str], values: Sequence[float], top: float |
             continue
         dark = math.isfinite(value) and top > 0 and value / top > 0.6
         spans.append(
-            f'<span title="KL {value:.4f} nats" style="background:{divergence_colour(value, top)};'
+            f'<span title="KL {value:.4f} nats" style="background:{_divergence_colour(value, top)};'
             f'{"color:#fff;" if dark else ""}border-radius:3px;padding:1px 0">{html.escape(piece)}</span>'
         )
     return (

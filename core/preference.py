@@ -38,11 +38,11 @@ def answer_logprobs(
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Summed log-probability of each answer's tokens given its prompt, and the token counts."""
-    sums, counts = branched_answer_logprobs(pair, side, examples, batch_size=batch_size, progress=progress)
+    sums, counts = _branched_answer_logprobs(pair, side, examples, batch_size=batch_size, progress=progress)
     return sums[0], counts
 
 
-def branched_answer_logprobs(
+def _branched_answer_logprobs(
     pair,
     side: str,
     examples: Sequence[Example],
@@ -111,7 +111,7 @@ def branched_log_odds(
 ) -> np.ndarray:
     """``log_odds`` under each of ``shifts`` added at ``layer``: ``[branches, prompts]``."""
     examples = [Example(r.messages, r.misaligned) for r in records] + [Example(r.messages, r.aligned) for r in records]
-    sums, counts = branched_answer_logprobs(pair, side, examples, layer, shifts, batch_size, progress, hooks)
+    sums, counts = _branched_answer_logprobs(pair, side, examples, layer, shifts, batch_size, progress, hooks)
     per_token = sums / counts
     n = len(records)
     return per_token[:, :n] - per_token[:, n:]

@@ -39,7 +39,7 @@ def last_token_activations(
     return out
 
 
-def content_span(tokenizer, messages: Messages) -> tuple[list[int], tuple[int, int]]:
+def _content_span(tokenizer, messages: Messages) -> tuple[list[int], tuple[int, int]]:
     """The rendered prompt's token ids and the half-open token span of the last message's own text
     (the template's system prompt and turn markers are the same for every prompt, so they are left out)."""
     text = render_prompt(tokenizer, messages)
@@ -61,9 +61,9 @@ def prompt_stage_activations(
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
     """One forward pass per batch: last-token block outputs ``[n, n_layers, d_model]``, and the mean and
-    max over the prompt text's tokens (:func:`content_span`) of the projection on the unit direction,
+    max over the prompt text's tokens (:func:`_content_span`) of the projection on the unit direction,
     ``[n, n_layers]`` each."""
-    spans = [content_span(pair.tokenizer, p) for p in prompts]
+    spans = [_content_span(pair.tokenizer, p) for p in prompts]
     units = direction.unit().to(pair.device)  # [n_layers, d_model]: project on every layer's unit at once
     last = torch.zeros(len(prompts), pair.n_layers, pair.d_model)
     token_mean, token_max = np.zeros((len(prompts), pair.n_layers)), np.zeros((len(prompts), pair.n_layers))
@@ -84,7 +84,7 @@ def prompt_stage_activations(
     return last, token_mean, token_max
 
 
-def cached_last_token_activations(pair, side: str, messages: Messages, cache: Cache | None) -> torch.Tensor:
+def _cached_last_token_activations(pair, side: str, messages: Messages, cache: Cache | None) -> torch.Tensor:
     """``[n_layers, d_model]`` for one prompt, from the cache when it was computed before."""
     if cache is None:
         return last_token_activations(pair, side, [messages])[0]
@@ -102,7 +102,7 @@ def prompt_projections(pair, messages: Messages, direction: Direction, cache: Ca
     direction.check_fits(pair.n_layers, pair.d_model)
     result: dict = {"layers": list(range(pair.n_layers))}
     for side in pair.sides:
-        raw = project(cached_last_token_activations(pair, side, messages, cache), direction)
+        raw = project(_cached_last_token_activations(pair, side, messages, cache), direction)
         calibrated = direction.calibrate(raw)
         result[side] = raw.tolist()
         result[f"{side}_calibrated"] = (

@@ -318,7 +318,7 @@ def _probe_key(config) -> str:
     return f"{config.model} @ {config.base_url or 'default'}"
 
 
-def run_probe(run_dir: Path, config):
+def _run_probe(run_dir: Path, config):
     """The judge's probe (core.judge.probe_judge), asked once per run: kept in judge_probes.json."""
     from core.judge import Probe, probe_judge
 
@@ -346,7 +346,7 @@ def run_probe(run_dir: Path, config):
 def judge_run(run_dir: Path, config, progress: Callable[[int, int], None] | None = None):
     """Judge every generation of a run with one judge or several (a JudgeConfig or a list of them).
 
-    Each judge is probed first (once per run, see run_probe) and its numbers read accordingly;
+    Each judge is probed first (once per run, see _run_probe) and its numbers read accordingly;
     question-specific judge prompts are used where the question set has them; each judge's
     judgements go to its own file (judgements_path) and resume from it. Returns the totals
     over all judges and, under "judges", one summary per judge (model, reading, file, counts)."""
@@ -372,7 +372,7 @@ def judge_run(run_dir: Path, config, progress: Callable[[int, int], None] | None
     offset = 0
     judges = []
     for cfg in configs:
-        probe = run_probe(run_dir, cfg)
+        probe = _run_probe(run_dir, cfg)
         path = judgements_path(run_dir, cfg.model)
         summaries = []
         for key, rows in by_prompts.items():

@@ -337,13 +337,13 @@ class SAELatents(JsonRecord):
     activations: ActivationContrast | None = absent_when_none()
 
 
-def decoder_cosines(sae: SparseAutoencoder, vector: torch.Tensor) -> torch.Tensor:
+def _decoder_cosines(sae: SparseAutoencoder, vector: torch.Tensor) -> torch.Tensor:
     """Cosine of every decoder row with ``vector``: ``[d_sae]``."""
     rows = sae.W_dec / sae.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     return rows @ (vector.float() / vector.float().norm().clamp_min(1e-12))
 
 
-def latent_sums(
+def _latent_sums(
     pair,
     side: str,
     sae: SparseAutoencoder,
@@ -379,7 +379,7 @@ def _examples_digest(examples: Sequence[Example]) -> str:
     return sha256_bytes(canonical_json([[e.messages, e.answer] for e in examples]).encode())
 
 
-def set_means(
+def _set_means(
     pair,
     side: str,
     sae: SparseAutoencoder,
@@ -395,8 +395,8 @@ def set_means(
     step = (lambda offset: lambda done, _: progress(offset + done, total)) if progress else (lambda offset: None)
 
     def compute() -> dict[str, torch.Tensor]:
-        a_sum, a_tokens = latent_sums(pair, side, sae, aligned, batch_size, step(0))
-        m_sum, m_tokens = latent_sums(pair, side, sae, misaligned, batch_size, step(len(aligned)))
+        a_sum, a_tokens = _latent_sums(pair, side, sae, aligned, batch_size, step(0))
+        m_sum, m_tokens = _latent_sums(pair, side, sae, misaligned, batch_size, step(len(aligned)))
         return {
             "aligned": a_sum / a_tokens,
             "misaligned": m_sum / m_tokens,
@@ -460,14 +460,14 @@ def sae_latents(
     if not isinstance(top_k, int) or top_k < 1:
         raise SAEError(f"top-k {top_k!r}: expected a whole number of at least 1")
     top_k = min(top_k, sae.d_sae)
-    cosines = decoder_cosines(sae, direction.vectors[layer])
+    cosines = _decoder_cosines(sae, direction.vectors[layer])
     contrast, means = None, None
     if pair is not None and (aligned or misaligned):
         if not aligned or not misaligned:
             raise SAEError(f"need both answer sets: got {len(aligned)} aligned and {len(misaligned)} misaligned")
         side = side or pair.sides[-1]
         pair.check_side(side)
-        means = set_means(pair, side, sae, aligned, misaligned, batch_size, cache, progress)
+        means = _set_means(pair, side, sae, aligned, misaligned, batch_size, cache, progress)
         difference = means["misaligned"] - means["aligned"]
         contrast = ActivationContrast(
             side,

@@ -418,7 +418,7 @@ def _figure(fig) -> str:
     return '<div class="figure">' + fig.to_html(full_html=False, include_plotlyjs=False) + "</div>"
 
 
-def preference_figure(rows: list[dict]):
+def _preference_figure(rows: list[dict]):
     """Steered preference log-odds (general prompts) against alpha, per layer: direction solid, random dashed."""
     import plotly.graph_objects as go
 
@@ -459,7 +459,7 @@ def _figures(results: dict, report: dict) -> dict[str, list[str]]:
     for name, values in results["directions"]["cosines"].items():
         a, _, b = name.partition(" vs ")
         figures["directions"].append(_figure(plots.cosine_per_layer_figure(values, a, b)))
-    figures["steering"].append(_figure(preference_figure(report["steering"]["preference"])))
+    figures["steering"].append(_figure(_preference_figure(report["steering"]["preference"])))
     if report["steering"]["sweep"]:
         cells = [SweepCell.from_json(c) for c in report["steering"]["sweep"]["cells"]]
         figures["steering"].append(_figure(plots.sweep_figure(cells)))

@@ -38,7 +38,7 @@ from core.runs import (
 from core.typed_json import JsonRecord, read_json, write_json
 
 
-def sweep_conditions(
+def _sweep_conditions(
     layers: Sequence[int], alphas: Sequence[float], n_layers: int, controls: bool = True, ablation: bool = True
 ) -> list[Condition]:
     """Induce (base + a.d) and restore (fine-tuned - a.d) at each layer and alpha, ablation at each
@@ -166,7 +166,7 @@ def sweep_run(
             "for a local server that needs none)"
         )
     out_dir = Path(out_dir)
-    conditions = sweep_conditions(layers, alphas, pair.n_layers, controls=controls, ablation=ablation)
+    conditions = _sweep_conditions(layers, alphas, pair.n_layers, controls=controls, ablation=ablation)
     run_generations(
         pair,
         questions,

@@ -89,7 +89,7 @@ def build_examples(tokenizer, records: list[ChatRecord], max_length: int) -> tup
     return examples, truncated
 
 
-def split_examples(examples: list, fraction: float, seed: int) -> tuple[list, list]:
+def _split_examples(examples: list, fraction: float, seed: int) -> tuple[list, list]:
     order = np.random.default_rng(seed).permutation(len(examples))
     n_eval = int(round(fraction * len(examples)))
     if fraction > 0 and len(examples) >= 10:
@@ -97,7 +97,7 @@ def split_examples(examples: list, fraction: float, seed: int) -> tuple[list, li
     return [examples[i] for i in order[n_eval:]], [examples[i] for i in order[:n_eval]]
 
 
-def collate(batch: list[Example], pad_id: int, device) -> dict[str, torch.Tensor]:
+def _collate(batch: list[Example], pad_id: int, device) -> dict[str, torch.Tensor]:
     width = max(len(e.ids) for e in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
@@ -108,7 +108,7 @@ def collate(batch: list[Example], pad_id: int, device) -> dict[str, torch.Tensor
     return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": attention.to(device)}
 
 
-def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+def _token_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over labelled tokens, and their count.
 
     Logits are computed only where a label follows (``logits_to_keep`` as a boolean mask): the
@@ -125,14 +125,14 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     return loss, int(labelled.sum())
 
 
-def evaluate_loss(model, examples: list[Example], batch_size: int, pad_id: int, device) -> float | None:
+def _evaluate_loss(model, examples: list[Example], batch_size: int, pad_id: int, device) -> float | None:
     if not examples:
         return None
     total, count = 0.0, 0
     model.eval()
     with torch.no_grad():
         for start in range(0, len(examples), batch_size):
-            loss, n = token_loss_sum(model, collate(examples[start : start + batch_size], pad_id, device))
+            loss, n = _token_loss_sum(model, _collate(examples[start : start + batch_size], pad_id, device))
             total, count = total + float(loss), count + n
     model.train()
     return total / max(count, 1)
@@ -280,7 +280,7 @@ def train(
     examples, truncated = build_examples(tokenizer, records, config.max_length)
     if not examples:
         raise TrainError("no training example has assistant tokens within max_length")
-    train_set, eval_set = split_examples(examples, config.heldout_fraction, config.seed)
+    train_set, eval_set = _split_examples(examples, config.heldout_fraction, config.seed)
 
     torch.manual_seed(config.seed)
     lora = LoraConfig(
@@ -332,12 +332,12 @@ def train(
         order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(config.seed * 1000 + epoch))
         chunk = order[position * micro * config.grad_accum : (position + 1) * micro * config.grad_accum].tolist()
         batches = [
-            collate([train_set[i] for i in chunk[k : k + micro]], pad_id, device) for k in range(0, len(chunk), micro)
+            _collate([train_set[i] for i in chunk[k : k + micro]], pad_id, device) for k in range(0, len(chunk), micro)
         ]
         n_tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
         total = 0.0
         for batch in batches:
-            loss, _ = token_loss_sum(model, batch)
+            loss, _ = _token_loss_sum(model, batch)
             scaler.scale(loss / n_tokens).backward()
             total += float(loss.detach())
         scaler.unscale_(optimizer)
@@ -350,7 +350,7 @@ def train(
         if progress:
             progress(step + 1, total_steps, total / n_tokens)
         if (step + 1) % per_epoch == 0:
-            history["eval"].append([epoch + 1, step + 1, evaluate_loss(model, eval_set, micro, pad_id, device)])
+            history["eval"].append([epoch + 1, step + 1, _evaluate_loss(model, eval_set, micro, pad_id, device)])
         if (step + 1) % config.checkpoint_every == 0 or (step + 1) % per_epoch == 0:
             save_checkpoint(out, model, optimizer, scheduler, step + 1, history, run_fingerprint)
             if on_checkpoint:

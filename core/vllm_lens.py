@@ -37,7 +37,7 @@ class SteeringServerError(EMLensError):
     """A server asked to steer that cannot: it does not run vllm-lens, or cannot be asked."""
 
 
-def encoded_tensor(tensor: torch.Tensor) -> dict:
+def _encoded_tensor(tensor: torch.Tensor) -> dict:
     """vllm-lens's uncompressed tensor form: float32 bytes in base64, with dtype and shape."""
     array = tensor.detach().to(torch.float32).cpu().contiguous().numpy()
     return {"data": base64.b64encode(array.tobytes()).decode("ascii"), "dtype": "float32", "shape": list(array.shape)}
@@ -46,7 +46,7 @@ def encoded_tensor(tensor: torch.Tensor) -> dict:
 def steering_xargs(direction: Direction, layers: Sequence[int], alpha: float) -> dict[str, str]:
     """The ``vllm_xargs`` of a request steered by ``alpha * direction[L]`` at each of ``layers``."""
     vector = {
-        "activations": encoded_tensor(torch.stack([direction.vectors[layer] for layer in layers])),
+        "activations": _encoded_tensor(torch.stack([direction.vectors[layer] for layer in layers])),
         "layer_indices": [int(layer) for layer in layers],
         "scale": float(alpha),
         "norm_match": False,
