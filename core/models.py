@@ -468,8 +468,8 @@ class Run:
 
 
 class PairShape:
-    """Sides, width, depth and their checks, for a pair held here or on a server (needs ``config``
-    and ``finetuned``)."""
+    """Sides, width, depth and their checks, for a pair held here or on a server (needs ``config``,
+    ``base`` and ``finetuned``)."""
 
     @property
     def sides(self) -> tuple[str, ...]:
@@ -491,6 +491,23 @@ class PairShape:
         if not isinstance(layer, int) or not 0 <= layer < self.n_layers:
             raise PairError(f"layer {layer}: out of range; this model has layers 0..{self.n_layers - 1}")
         return layer
+
+    def _shape_info(self) -> dict:
+        """What ``info()`` says of the sources and the shape, wherever the weights are."""
+        tuned = self.finetuned
+        return {
+            "base": self.base.spec,
+            "base_location": self.base.location,
+            "base_fingerprint": self.base.fingerprint,
+            "finetuned": tuned.spec if tuned else None,
+            "finetuned_location": tuned.location if tuned else None,
+            "finetuned_fingerprint": tuned.fingerprint if tuned else None,
+            "adapter": tuned is not None and tuned.kind == "adapter",
+            "finetune_kind": tuned.kind if tuned else None,
+            "n_layers": self.n_layers,
+            "d_model": self.d_model,
+            "vocab_size": self.config.vocab_size,
+        }
 
 
 class PairLock:
@@ -703,18 +720,8 @@ class ModelPair(PairShape):
             else str(self.device)
         )
         return {
-            "base": self.base.spec,
-            "base_location": self.base.location,
-            "base_fingerprint": self.base.fingerprint,
-            "finetuned": self.finetuned.spec if self.finetuned else None,
-            "finetuned_location": self.finetuned.location if self.finetuned else None,
-            "finetuned_fingerprint": self.finetuned.fingerprint if self.finetuned else None,
-            "adapter": self.is_adapter,
-            "finetune_kind": self.finetuned.kind if self.finetuned else None,
+            **self._shape_info(),
             "architecture": type(decoder_layers(self.model)[0]).__name__.replace("DecoderLayer", ""),
-            "n_layers": self.n_layers,
-            "d_model": self.d_model,
-            "vocab_size": self.config.vocab_size,
             "device": device,
             "dtype": str(self.dtype).replace("torch.", ""),
             "memory_mb": {

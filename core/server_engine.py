@@ -122,18 +122,8 @@ class ServedPair(PairShape):
     def info(self) -> dict:
         architectures = getattr(self.config, "architectures", None) or ["unknown"]
         return {
-            "base": self.base.spec,
-            "base_location": self.base.location,
-            "base_fingerprint": self.base.fingerprint,
-            "finetuned": self.finetuned.spec if self.finetuned else None,
-            "finetuned_location": self.finetuned.location if self.finetuned else None,
-            "finetuned_fingerprint": self.finetuned.fingerprint if self.finetuned else None,
-            "adapter": self.finetuned is not None and self.finetuned.kind == "adapter",
-            "finetune_kind": self.finetuned.kind if self.finetuned else None,
+            **self._shape_info(),
             "architecture": architectures[0].replace("ForCausalLM", ""),
-            "n_layers": self.n_layers,
-            "d_model": self.d_model,
-            "vocab_size": self.config.vocab_size,
             "device": "server",
             "note": "weights on the engine's server; only the tokenizer and the config are loaded here",
         }
