@@ -261,10 +261,18 @@ def _judge_info(judge) -> dict | None:
     return None if judge is None else {"model": judge.model, "base_url": judge.base_url}
 
 
-def _study_inputs(pair, config: StudyConfig, judge, data: dict[str, Path]) -> dict:
+def _engine_info(engine) -> dict | None:
+    """What the study's fingerprint holds of a server engine: where the answers come from, not
+    where the server happens to listen."""
+    return None if engine is None else {"name": "server", "models": dict(engine.config.models)}
+
+
+def _study_inputs(pair, config: StudyConfig, judge, data: dict[str, Path], engine) -> dict:
     """Everything a study's numbers depend on: the models' fingerprints, the data's hashes, the
-    configuration and the judge. (The code version is recorded, not fingerprinted.)"""
+    configuration, the judge and a server engine. (The code version is recorded, not fingerprinted.)"""
+    served = {"engine": _engine_info(engine)} if engine is not None else {}  # in process: as before engines
     return {
+        **served,
         "base": pair.fingerprint("base"),
         "finetuned": pair.fingerprint("finetuned"),
         "data": {name: sha256_file(path) for name, path in data.items()},
@@ -294,7 +302,7 @@ def _direction_step(log, name, fingerprint, folder: Path, extract) -> dict:
     return {**result, "direction": direction}
 
 
-def _phase_directions(pair, config: StudyConfig, judge, data: dict, log: StudyLog, key: str) -> dict:
+def _phase_directions(pair, config: StudyConfig, judge, data: dict, log: StudyLog, key: str, engine) -> dict:
     from core.directions import cosine_per_layer, extract_from_paired_file
     from core.em import em_report, judged_direction, save_em_report
     from core.generation import Variant
@@ -326,6 +334,7 @@ def _phase_directions(pair, config: StudyConfig, judge, data: dict, log: StudyLo
                     "questions_sha256": sha256_file(Path(config.questions)),
                     "study": str(log.out),
                 },
+                engine=engine,
             )
             summary = judge_run(run_dir, judge, progress=log.sub("judge", 1, 1, steps))
             report = em_report(run_dir)
@@ -404,7 +413,9 @@ def _default_layers(n_layers: int, best: int | None, count: int) -> list[int]:
 # ---------------------------------------------------------------- phase 2: steering
 
 
-def _phase_steering(pair, config: StudyConfig, judge, data: dict, log: StudyLog, key: str, directions: dict) -> dict:
+def _phase_steering(
+    pair, config: StudyConfig, judge, data: dict, log: StudyLog, key: str, directions: dict, engine
+) -> dict:
     from core.data import load_paired_jsonl
     from core.directions import Direction
     from core.preference import ablation, validate
@@ -465,6 +476,8 @@ def _phase_steering(pair, config: StudyConfig, judge, data: dict, log: StudyLog,
                 provenance={"questions": config.questions, "study": str(log.out)},
                 generate_progress=log.sub("sweep: generate", len(layers) + 1, 1, steps),
                 judge_progress=log.sub("sweep: judge", len(layers) + 2, 1, steps),
+                ablation=engine is None,  # a server cannot ablate; the judge-free ablation above still runs
+                engine=engine,
             )
             return {**result.to_json(), "run": str(run_dir.relative_to(log.out))}
 
@@ -586,12 +599,15 @@ def run_study(
     judge=None,
     progress: Progress | None = None,
     spec: dict | None = None,
+    engine=None,
 ) -> dict:
     """Run (or continue) a study of ``pair`` in ``out_dir`` and write its report there.
 
     ``judge``: a core.judge.JudgeConfig, or None for a judge-free study. ``progress(fraction, label)``
     follows the whole study. ``spec``: how the pair was named (base / finetuned), for the report.
-    Returns report.json's content."""
+    ``engine``: None samples the judged runs in process; a core.server_engine.ServerEngine samples
+    them on a server (the sweep then has no ablation cells). Activations, teacher-forced passes and
+    detection always run on ``pair``, in process. Returns report.json's content."""
     from core.study_report import write_report
 
     unknown = [c for c in config.contrasts if c not in ("paired", "model-diff", "judged")]
@@ -599,6 +615,8 @@ def run_study(
         raise StudyError(f"contrasts {unknown}: expected paired, model-diff or judged")
     if "finetuned" not in pair.sides:
         raise StudyError("a study compares a base model with its fine-tune: load a pair with a fine-tuned model")
+    if engine is not None and judge is None:
+        raise StudyError("a server engine samples the judged runs: a judge-free study samples nothing (give a judge)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     log = StudyLog(out, progress)
@@ -615,7 +633,7 @@ def run_study(
         if not questions.exists() or questions.read_bytes() != Path(config.questions).read_bytes():
             shutil.copyfile(config.questions, questions)
         data["questions"] = questions
-    inputs = _study_inputs(pair, config, judge, data)
+    inputs = _study_inputs(pair, config, judge, data, engine)
     key = make_key("study", **inputs)
     previous = json.loads((out / STUDY_JSON).read_text()) if (out / STUDY_JSON).exists() else {}
     status = {
@@ -646,7 +664,7 @@ def run_study(
             log,
             "directions",
             make_key("phase", study=key, phase=1),
-            lambda: _phase_directions(pair, config, judge, data, log, key),
+            lambda: _phase_directions(pair, config, judge, data, log, key, engine),
         )
         status.update(phase="steering", phases_done=["directions"])
         _write_status(out, status)
@@ -654,7 +672,7 @@ def run_study(
             log,
             "steering",
             make_key("phase", study=key, phase=2),
-            lambda: _phase_steering(pair, config, judge, data, log, key, results["directions"]),
+            lambda: _phase_steering(pair, config, judge, data, log, key, results["directions"], engine),
         )
         status.update(phase="detection", phases_done=["directions", "steering"])
         _write_status(out, status)

@@ -7,7 +7,9 @@ report.json (format ``emlens-study-report/1``) keys:
 - ``format``, ``judge_free`` (bool: no judge was given; nothing in the study measures generated
   misalignment), ``judge_note`` (the sentence the report shows about it)
 - ``run``: ``base``, ``finetuned``, ``base_fingerprint``, ``finetuned_fingerprint``, ``judge``
-  ({model, base_url} or null), ``data`` (name -> {file, sha256}), ``config`` (core.study.StudyConfig),
+  ({model, base_url} or null), ``engine`` (what sampled the judged answers, as their run.json records
+  it: {name: "hf"} in process, {name: "server", urls, models, server_versions, steering, ...} on a
+  server; null when judge-free), ``data`` (name -> {file, sha256}), ``config`` (core.study.StudyConfig),
   ``seed``, ``code_version``, ``study_fingerprint``, ``started``, ``finished`` (unix times),
   ``seconds`` (time spent over all sessions), ``sessions`` (how many runs it took)
 - ``directions``: ``primary`` (the contrast used in phases 2 and 3), ``contrasts`` (name ->
@@ -370,6 +372,13 @@ def _detection_verdict(numbers: dict, judge_free: bool) -> str:
 # ---------------------------------------------------------------- the report
 
 
+def _sampling_engine(out: Path, directions: dict) -> dict | None:
+    from core.runs import read_run_json
+
+    evaluation = directions.get("evaluation")
+    return read_run_json(out / evaluation["run"]).get("engine") if evaluation else None
+
+
 def build_report(out: Path, status: dict, results: dict) -> dict:
     judge_free = status.get("judge") is None
     pair = status["pair"]
@@ -379,6 +388,7 @@ def build_report(out: Path, status: dict, results: dict) -> dict:
         "base_fingerprint": status["inputs"]["base"],
         "finetuned_fingerprint": status["inputs"]["finetuned"],
         "judge": status.get("judge"),
+        "engine": _sampling_engine(out, results["directions"]),
         "data": {
             name: {"file": status["data"][name], "sha256": digest} for name, digest in status["inputs"]["data"].items()
         },
@@ -504,6 +514,17 @@ def render_html(report: dict, figures: dict[str, list[str]]) -> str:
             else f"{run['judge']['model']} at {run['judge']['base_url'] or 'the OpenAI API'}",
         ],
     ]
+    if run.get("engine"):  # absent in reports made before engines, null when judge-free
+        engine = run["engine"]
+        run_rows.append(
+            [
+                "judged answers sampled",
+                "in process (exact hooks)"
+                if engine["name"] == "hf"
+                else f"on a server ({', '.join(engine['urls'])}): "
+                + ", ".join(f"{side} as {name}" for side, name in engine["models"].items()),
+            ]
+        )
     run_rows += [[f"data: {name}", f"{d['file']} (sha256 {d['sha256'][:16]}…)"] for name, d in run["data"].items()]
     run_rows += [
         ["seed", run["seed"]],

@@ -100,9 +100,8 @@ def engine_arguments(parser):
     group.add_argument("--server-timeout", type=float, default=600.0, help="seconds for one answer")
 
 
-def pair_and_engine(args):
-    """The pair and the engine of --engine: the loaded pair and None (in process), or the served
-    pair (tokenizer and config, no weights) and a ServerEngine."""
+def server_engine_from(args):
+    """The ServerEngine of --engine server, or None for --engine hf (the server flags refused there)."""
     options = {
         "--server-url": args.server_url,
         "--server-model": args.server_model,
@@ -112,8 +111,8 @@ def pair_and_engine(args):
         given = [flag for flag, value in options.items() if value]
         if given:
             raise InputError(f"{given[0]} needs --engine server")
-        return load_pair_from(args), None
-    from core.server_engine import ServerConfig, ServerEngine, served_pair
+        return None
+    from core.server_engine import ServerConfig, ServerEngine
 
     if not args.server_url:
         raise InputError("--engine server needs --server-url http://HOST:PORT/v1")
@@ -124,7 +123,18 @@ def pair_and_engine(args):
         concurrency=args.server_concurrency,
         timeout_s=args.server_timeout,
     )
-    return served_pair(args.base, args.finetuned, load_options(args)), ServerEngine(config)
+    return ServerEngine(config)
+
+
+def pair_and_engine(args):
+    """The pair and the engine of --engine: the loaded pair and None (in process), or the served
+    pair (tokenizer and config, no weights) and a ServerEngine."""
+    engine = server_engine_from(args)
+    if engine is None:
+        return load_pair_from(args), None
+    from core.server_engine import served_pair
+
+    return served_pair(args.base, args.finetuned, load_options(args)), engine
 
 
 def questions_provenance(path: Path) -> dict:

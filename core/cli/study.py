@@ -6,7 +6,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from core.cli import command, emit, load_pair_from, model_arguments, progress_bar
-from core.cli.evaluation import judge_arguments, judge_config_from
+from core.cli.evaluation import engine_arguments, judge_arguments, judge_config_from, server_engine_from
 
 SIZES = {  # flag -> (StudyConfig field, type, help)
     "--n-train": ("n_train", int, "narrow train-split pairs used for extraction (default: all)"),
@@ -29,6 +29,7 @@ SIZES = {  # flag -> (StudyConfig field, type, help)
 def _study_arguments(parser):
     model_arguments(parser)
     judge_arguments(parser)
+    engine_arguments(parser)  # judged runs' sampling; activations and teacher-forced passes stay in process
     parser.add_argument(
         "--preset",
         choices=["demo", "seed-qwen"],
@@ -75,6 +76,7 @@ def run_study_command(args) -> int:
         args.base, args.finetuned = preset_pair(args.preset, args.base, args.finetuned, bool(args.judge_model))
     config = study_config(args)
     judge = judge_config_from(args) if args.judge_model else None
+    engine = server_engine_from(args)
     out = args.out or new_study_dir(args.cache_dir)
     pair = load_pair_from(args)
     bar = progress_bar("study")  # in percent, described by the step under way
@@ -85,6 +87,7 @@ def run_study_command(args) -> int:
         judge,
         lambda fraction, step: bar(round(100 * fraction), 100, step),
         spec={"base": args.base, "finetuned": args.finetuned},
+        engine=engine,
     )
     emit(
         report,

@@ -66,6 +66,7 @@ DOCUMENTED = {  # report.json's keys, as core/study_report.py's docstring lists 
         "base_fingerprint",
         "finetuned_fingerprint",
         "judge",
+        "engine",
         "data",
         "config",
         "seed",
@@ -128,6 +129,7 @@ def test_judge_free_study_runs_every_phase_and_reuses_them(tiny_pair, tmp_path, 
     report = run_study(tiny_pair, tmp_path / "s", TINY, progress=lambda f, label: seen.append((f, label)))
     check_keys(report)
     assert report["judge_free"] and "Judge-free" in report["judge_note"]
+    assert report["run"]["engine"] is None  # nothing was sampled
     assert set(report["directions"]["contrasts"]) == {"paired", "model-diff"}
     assert report["directions"]["primary"] == "paired"
     assert set(report["directions"]["cosines"]) == {"paired vs model-diff"}
@@ -211,6 +213,7 @@ def test_judged_study_killed_mid_phase_finishes_with_the_same_numbers(tiny_dirs,
         report = json.loads((straight / REPORT_JSON).read_text())
         check_keys(report)
         assert not report["judge_free"] and report["run"]["judge"]["model"] == "judge-m"
+        assert report["run"]["engine"] == {"name": "hf"}
         assert "judged" in report["directions"]["contrasts"] and report["directions"]["primary"] == "judged"
         assert set(report["directions"]["evaluation"]["conditions"]) == {"base", "finetuned"}
         cells = {c["condition"]: c for c in report["steering"]["sweep"]["cells"]}
@@ -279,3 +282,11 @@ def test_presets_set_the_plan_and_flags_override_it():
     demo = study_config(parse(["study", "--preset", "demo"]))
     assert demo == PRESETS["demo"]["config"] and PRESETS["demo"]["finetuned"] == "default"
     assert main(["study", "--preset", "seed-qwen", "--judge-model", "m"]) == 2  # the adapter must be named
+
+
+def test_a_server_engine_is_refused_where_it_would_sample_nothing(tiny_dirs, tmp_path, capsys):
+    pair, out = pair_args(tiny_dirs, tmp_path / "cache"), tmp_path / "s"
+    assert main(["study", *pair, "--engine", "server", "--server-url", "http://127.0.0.1:9/v1", "--out", str(out)]) == 2
+    assert "a judge-free study samples nothing" in capsys.readouterr().err and not out.exists()
+    assert main(["study", *pair, "--server-url", "http://127.0.0.1:9/v1", "--out", str(out)]) == 2
+    assert "--server-url needs --engine server" in capsys.readouterr().err and not out.exists()
