@@ -314,10 +314,9 @@ def job_caption(what: str) -> None:
     """Say which pair and direction a job on this page will run on, then what it does."""
     spec = st.session_state.pair_spec
     chosen = st.session_state.direction_path
-    st.caption(
-        f"Pair **{spec['base']} → {spec['finetuned']}**, direction "
-        f"**{Path(chosen).stem if chosen else 'the newest cached one that fits'}**. {what}"
-    )
+    name = Path(chosen).stem if chosen else "the default"
+    note = "" if chosen else " (the shipped one made on this pair, else the newest cached one that fits)"
+    st.caption(f"Pair **{spec['base']} → {spec['finetuned']}**, direction **{name}**{note}. {what}")
 
 
 def progress_callback(bar, what: str, start: float = 0.0, end: float = 1.0):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -295,6 +295,20 @@ STATS_PROTOCOL = (
     "auroc, cohens_d: cross-fitted, up to 5 folds of whole groups (the direction from the other "
     "folds, held-out answers projected on it); *_insample: on the extraction answers themselves"
 )
+
+
+def describe_separation(stats: Sequence[Mapping]) -> str:
+    """In words, what the ``auroc`` / ``cohens_d`` of a direction's stats are: cross-fitted (current
+    files), missing (too few groups to cross-fit) or in-sample (files from before cross-fitting)."""
+    what = "How well the direction separates the aligned and misaligned answers it was extracted from"
+    if not any("auroc_insample" in s for s in stats):
+        return f"{what}, in-sample: this file predates cross-fitted statistics, and in-sample figures overstate it."
+    if all(s.get("auroc") is None for s in stats):
+        return f"{what}, in-sample only (dashed): too few groups to cross-fit, and in-sample figures overstate it."
+    return (
+        f"{what}, cross-fitted by group (the direction from the other folds, the held-out answers projected "
+        "on it); dashed: in-sample, which a mean difference overstates."
+    )
 
 
 def direction_from_sets(

@@ -79,7 +79,8 @@ def projection_figure(
 
 
 def direction_stats_figure(stats: Sequence[Mapping]) -> go.Figure:
-    """Per-layer norm of the direction, and how well it separates the two sets (AUROC, Cohen's d)."""
+    """Per-layer norm of the direction, and how well it separates the two sets (AUROC, Cohen's d):
+    cross-fitted where the stats have it, with the in-sample figure dashed beside it."""
     layers = [s["layer"] for s in stats]
     fig = make_subplots(
         rows=3,
@@ -89,25 +90,27 @@ def direction_stats_figure(stats: Sequence[Mapping]) -> go.Figure:
         subplot_titles=("norm of the mean difference", "AUROC (aligned vs misaligned)", "Cohen's d"),
     )
     fig.add_trace(go.Bar(x=layers, y=[s["norm"] for s in stats], name="norm", marker_color="#7e57c2"), row=1, col=1)
-    fig.add_trace(
-        go.Scatter(
-            x=layers, y=[s.get("auroc") for s in stats], mode="lines+markers", name="AUROC", line=dict(color="#ef6c00")
-        ),
-        row=2,
-        col=1,
-    )
+    for row, key, name, colour in ((2, "auroc", "AUROC", "#ef6c00"), (3, "cohens_d", "Cohen's d", "#00897b")):
+        fig.add_trace(
+            go.Scatter(
+                x=layers, y=[s.get(key) for s in stats], mode="lines+markers", name=name, line=dict(color=colour)
+            ),
+            row=row,
+            col=1,
+        )
+        if any(f"{key}_insample" in s for s in stats):
+            fig.add_trace(
+                go.Scatter(
+                    x=layers,
+                    y=[s.get(f"{key}_insample") for s in stats],
+                    mode="lines",
+                    name=f"{name}, in-sample",
+                    line=dict(color=colour, dash="dash", width=1),
+                ),
+                row=row,
+                col=1,
+            )
     fig.add_hline(y=0.5, line_dash="dot", line_color="gray", row=2, col=1)
-    fig.add_trace(
-        go.Scatter(
-            x=layers,
-            y=[s.get("cohens_d") for s in stats],
-            mode="lines+markers",
-            name="Cohen's d",
-            line=dict(color="#00897b"),
-        ),
-        row=3,
-        col=1,
-    )
     fig.update_layout(height=620, showlegend=False, margin=dict(l=50, r=20, t=40, b=45))
     fig.update_xaxes(title_text="layer", row=3, col=1)
     fig.update_xaxes(**_layer_ticks(len(layers)))

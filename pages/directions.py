@@ -10,7 +10,7 @@ from core import plots
 from core.anatomy import DEFAULT_PROMPTS, READS, Attribution, LensLayer, direct_attribution, logit_lens
 from core.cache import Cache
 from core.data import load_paired_jsonl
-from core.directions import cosine_per_layer, layer_cosines, list_directions
+from core.directions import cosine_per_layer, describe_separation, layer_cosines, list_directions
 from core.preference import PreferenceError, best_layer
 from core.sae import SAELatents, answer_sets, extraction_data, load_sae, sae_latents
 
@@ -46,12 +46,10 @@ with st.expander("Provenance"):
 
 st.subheader("Norm and separation per layer")
 if direction.stats:
-    st.caption(
-        "Separation of the per-answer mean projections of the aligned and misaligned sets it was "
-        "extracted from (in-sample)."
-    )
+    st.caption(describe_separation(direction.stats))
     st.plotly_chart(plots.direction_stats_figure(direction.stats))
-    columns = ["layer", "norm", "auroc", "cohens_d", "aligned_mean", "misaligned_mean"]
+    columns = ["layer", "norm", "auroc", "cohens_d", "auroc_insample", "cohens_d_insample"]
+    columns += ["aligned_mean", "misaligned_mean"]
     st.dataframe(pd.DataFrame(direction.stats).reindex(columns=columns), hide_index=True)
 else:
     st.info("This direction carries no per-layer statistics (e.g. a random control).")
