@@ -197,6 +197,7 @@ page = st.navigation(
         st.Page("pages/studies.py", title="Studies", icon=":material/summarize:"),
     ]
 )
+ui.adopt_default_direction()
 status = st.sidebar.container()  # filled after the page ran, so it shows what the page chose
 page.run()
 with status:

@@ -123,6 +123,11 @@ class LoadedPair:
                 self.pair, self.spec = _load(spec), dict(spec)
             return self.pair
 
+    def held(self, spec: dict) -> ModelPair | None:
+        """The pair for ``spec`` if this server holds it already; never loads."""
+        with self.lock:
+            return self.pair if spec == self.spec else None
+
     def release(self) -> None:
         """Drop the pair; its memory (on the GPU too) is freed once no session still uses it."""
         with self.lock:
@@ -327,6 +332,15 @@ def progress_callback(bar, what: str, start: float = 0.0, end: float = 1.0):
         bar.progress(min(1.0, start + (end - start) * fraction), text=f"{what}: {done} / {total}")
 
     return update
+
+
+def adopt_default_direction() -> None:
+    """A session that has not chosen a direction takes its default when the pair is loaded already
+    (never loading it), so that every page and the sidebar name the direction a job would use."""
+    if st.session_state.direction_path is None:
+        pair = loaded_pair().held({**st.session_state.pair_spec, "cache": str(cache_root())})
+        if pair is not None:
+            direction_or_none(pair)
 
 
 def sidebar_status() -> None:

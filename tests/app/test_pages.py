@@ -354,6 +354,31 @@ def test_a_direction_file_given_by_path_is_chosen_and_shown_at_once(app, cache, 
     assert "**Direction** mine" in [c.value for c in at.sidebar.caption]
 
 
+def _new_session_on_a_page_that_never_asks_for_the_direction():
+    """What app.py runs before any page, then the sidebar (AppTest's switch_page runs a page alone)."""
+    import streamlit as st
+
+    import ui
+
+    ui.init_session()
+    ui.adopt_default_direction()
+    with st.sidebar:
+        ui.sidebar_status()
+
+
+def test_a_new_session_on_any_page_names_the_default_direction_of_the_loaded_pair(app, cache):
+    import ui
+
+    ui.loaded_pair().release()  # the server's one pair holder, shared by every session
+    fresh = AppTest.from_function(_new_session_on_a_page_that_never_asks_for_the_direction, default_timeout=60)
+    ok(fresh.run())  # no pair held: none is loaded for it, and nothing is chosen
+    assert fresh.session_state.direction_path is None and "**Direction** —" in [c.value for c in fresh.sidebar.caption]
+    ok(app.run())  # a session loads the pair (the Model pair page)
+    fresh = ok(AppTest.from_function(_new_session_on_a_page_that_never_asks_for_the_direction).run())
+    assert fresh.session_state.direction_path == str(cache[1]["paired"])
+    assert f"**Direction** {cache[1]['paired'].stem}" in [c.value for c in fresh.sidebar.caption]
+
+
 def test_compare_prompt_holds_real_default_text_that_generates_without_typing(app, cache, tiny_pair):
     from core.starters import DEFAULT_COMPARE_PROMPT
 
