@@ -261,16 +261,11 @@ def _judge_info(judge) -> dict | None:
     return None if judge is None else {"model": judge.model, "base_url": judge.base_url}
 
 
-def _engine_info(engine) -> dict | None:
-    """What the study's fingerprint holds of a server engine: where the answers come from, not
-    where the server happens to listen."""
-    return None if engine is None else {"name": "server", "models": dict(engine.config.models)}
-
-
 def _study_inputs(pair, config: StudyConfig, judge, data: dict[str, Path], engine) -> dict:
     """Everything a study's numbers depend on: the models' fingerprints, the data's hashes, the
     configuration, the judge and a server engine. (The code version is recorded, not fingerprinted.)"""
-    served = {"engine": _engine_info(engine)} if engine is not None else {}  # in process: as before engines
+    # a server engine by the models it serves, not where it listens; in process: no key, as before engines
+    served = {"engine": {"name": "server", "models": dict(engine.config.models)}} if engine is not None else {}
     return {
         **served,
         "base": pair.fingerprint("base"),
