@@ -100,6 +100,11 @@ def default_spec() -> dict:
     }
 
 
+def _load_spec() -> dict:
+    """What the server's pair is loaded from for this session: its pair spec and the cache folder."""
+    return {**st.session_state.pair_spec, "cache": str(cache_root())}
+
+
 def _load(spec: dict) -> ModelPair:
     options = LoadOptions(device=spec["device"], dtype=spec["dtype"], cache_root=Path(spec["cache"]))
     return load_pair(spec["base"], spec["finetuned"], options)
@@ -166,7 +171,7 @@ def get_pair() -> ModelPair | None:
         return None
     try:
         with st.spinner("Loading the model pair ..."):
-            return loaded_pair().get({**spec, "cache": str(cache_root())})
+            return loaded_pair().get(_load_spec())
     except Exception as err:  # noqa: BLE001 - show_error re-raises what is not the user's to fix
         message = show_error(err, "Could not load the model pair: ")
         st.session_state.pair_error = (dict(spec), f"Could not load the model pair: {message}")
@@ -338,7 +343,7 @@ def adopt_default_direction() -> None:
     """A session that has not chosen a direction takes its default when the pair is loaded already
     (never loading it), so that every page and the sidebar name the direction a job would use."""
     if st.session_state.direction_path is None:
-        pair = loaded_pair().held({**st.session_state.pair_spec, "cache": str(cache_root())})
+        pair = loaded_pair().held(_load_spec())
         if pair is not None:
             direction_or_none(pair)
 

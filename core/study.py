@@ -101,6 +101,7 @@ PRESETS = {
     "seed-qwen": {
         "base": "Qwen/Qwen2.5-1.5B-Instruct",
         "finetuned": None,
+        "judged": True,  # the question it answers is about judged answers: it needs --judge-model
         "config": StudyConfig(
             paraphrases=1,
             samples=50,
@@ -126,9 +127,9 @@ def preset_pair(name: str, base: str, finetuned: str, judged: bool) -> tuple[str
                 f"published risky-financial or bad-medical LoRA of {preset['base']})"
             )
         finetuned = preset["finetuned"]
-    if name == "seed-qwen" and not judged:
+    if preset.get("judged") and not judged:
         raise StudyError(
-            "--preset seed-qwen is a judged study: give --judge-model (and --judge-base-url for a local server)"
+            f"--preset {name} is a judged study: give --judge-model (and --judge-base-url for a local server)"
         )
     return base, finetuned
 

@@ -85,7 +85,7 @@ def run_study_command(args) -> int:
         out,
         config,
         judge,
-        lambda fraction, step: bar(round(100 * fraction), 100, step),
+        lambda fraction, step: bar(int(100 * fraction), 100, step),  # 100 (which closes it) only at the end
         spec={"base": args.base, "finetuned": args.finetuned},
         engine=engine,
     )

@@ -266,7 +266,7 @@ def test_judged_study_killed_mid_phase_finishes_with_the_same_numbers(tiny_dirs,
         assert len(judged) == len({(j["id"], j["metric"]) for j in judged}) == 2 * len(rows)
 
 
-def test_presets_set_the_plan_and_flags_override_it():
+def test_presets_set_the_plan_and_flags_override_it(capsys):
     from core.cli import build_parser
     from core.cli.study import study_config
     from core.study import PRESETS
@@ -282,6 +282,9 @@ def test_presets_set_the_plan_and_flags_override_it():
     demo = study_config(parse(["study", "--preset", "demo"]))
     assert demo == PRESETS["demo"]["config"] and PRESETS["demo"]["finetuned"] == "default"
     assert main(["study", "--preset", "seed-qwen", "--judge-model", "m"]) == 2  # the adapter must be named
+    assert "name the fine-tune with --finetuned" in capsys.readouterr().err
+    assert main(["study", "--preset", "seed-qwen", "--finetuned", "some/lora"]) == 2  # and a judge given
+    assert "--preset seed-qwen is a judged study: give --judge-model" in capsys.readouterr().err
 
 
 def test_a_server_engine_is_refused_where_it_would_sample_nothing(tiny_dirs, tmp_path, capsys):
